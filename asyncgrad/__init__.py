@@ -1,0 +1,50 @@
+"""asyncgrad: distributed autograd for Python on numpy, asyncio and Redis streams.
+
+>>> import asyncgrad as ag
+>>> w = ag.tensor([1.0, 2.0], requires_grad=True)
+>>> (w * w).sum().backward()
+>>> w.grad
+array([2., 4.], dtype=float32)
+"""
+
+from __future__ import annotations
+
+from asyncgrad import nn, optim
+from asyncgrad.errors import (
+    AsyncgradError,
+    CodecError,
+    ContextError,
+    NotExposedError,
+    RemoteError,
+    RpcError,
+    RPCTimeout,
+    TransportError,
+    WorkerUnavailable,
+)
+from asyncgrad.graph import is_grad_enabled, no_grad
+from asyncgrad.tensor import Tensor, cat, ones, randn, stack, tensor, zeros
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncgradError",
+    "CodecError",
+    "ContextError",
+    "NotExposedError",
+    "RPCTimeout",
+    "RemoteError",
+    "RpcError",
+    "Tensor",
+    "TransportError",
+    "WorkerUnavailable",
+    "cat",
+    "is_grad_enabled",
+    "nn",
+    "no_grad",
+    "ones",
+    "optim",
+    "randn",
+    "stack",
+    "tensor",
+    "zeros",
+]

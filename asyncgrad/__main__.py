@@ -1,0 +1,5 @@
+import sys
+
+from asyncgrad.cli import main
+
+sys.exit(main())

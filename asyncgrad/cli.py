@@ -1,0 +1,129 @@
+"""The `asyncgrad` command: parse arguments, configure logging, run one command.
+
+A command is a function `(args) -> exit code` plus one block in `_parser()` that declares
+its options and registers it with `set_defaults(run=...)`. A failure exits 1 with one line
+on stderr (a traceback too with `--debug`); bad usage exits 2, as argparse does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from types import FrameType
+
+from asyncgrad.embedded import EmbeddedRedis, EmbeddedRedisError, PortInUse
+
+__all__ = ["main"]
+
+logger = logging.getLogger(__name__)
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the `asyncgrad` command line and return its exit code."""
+    args = _parser().parse_args(argv)
+    _configure_logging(args.verbose)
+    run: Command = args.run
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # the one place a command's failure is finally handled
+        if args.debug:
+            traceback.print_exc()
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"asyncgrad: error: {message}", file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="asyncgrad", description="Distributed autograd on Redis streams."
+    )
+    _global_options(parser, default=False)
+    # Each command takes them too (`asyncgrad up -v`); SUPPRESS keeps an earlier `-v`.
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, default=argparse.SUPPRESS)
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+
+    def command(name: str, run: Command, summary: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, parents=[common], help=summary, description=summary)
+        sub.set_defaults(run=run)
+        return sub
+
+    up = command("up", _up, "run an embedded Redis in the foreground and print its URL")
+    up.add_argument("--port", type=int, default=6379, help="TCP port; 0 picks a free one")
+
+    bench = command("bench", _bench, "run the benchmark workloads of BENCH.md")
+    bench.add_argument("--only", help="comma-separated workloads or prefixes, e.g. B1,B6")
+    bench.add_argument("--json", type=Path, metavar="PATH", help="write all results here")
+    bench.add_argument("--quick", action="store_true", help="about 10x fewer iterations")
+
+    return parser
+
+
+def _global_options(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true", default=default, help="debug logs")
+    parser.add_argument("--debug", action="store_true", default=default, help="show tracebacks")
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s", stream=sys.stderr
+    )
+    logging.getLogger("asyncgrad").setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def _up(args: argparse.Namespace) -> int:
+    server = os.environ.get("ASYNCGRAD_REDIS_SERVER")
+    try:
+        with _stop_on_signals(), EmbeddedRedis(server, port=args.port) as redis:
+            print(redis.url, flush=True)
+            code = redis.wait()
+    except _Stop as stop:
+        logger.info("event=up_stopped signal=%s", stop.args[0])
+        return 0
+    except PortInUse as e:
+        raise PortInUse(f"{e.args[0].splitlines()[0]}; pass --port 0 to pick a free port") from e
+    raise EmbeddedRedisError(f"redis-server exited unexpectedly with code {code}")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from asyncgrad import bench  # the workloads import everything; only this command needs them
+
+    try:
+        names = bench.select(args.only)
+    except ValueError as e:
+        print(f"asyncgrad bench: {e}", file=sys.stderr)
+        return 2
+    return 0 if bench.run(names, quick=args.quick, json_path=args.json) else 1
+
+
+class _Stop(Exception):
+    """SIGINT or SIGTERM arrived; raised in the main thread to unwind `with` blocks."""
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[None]:
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        for sig in previous:  # a second Ctrl-C must not interrupt the cleanup of the first
+            signal.signal(sig, signal.SIG_IGN)
+        raise _Stop(signal.Signals(signum).name)
+
+    for sig in previous:
+        signal.signal(sig, stop)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

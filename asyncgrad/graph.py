@@ -1,0 +1,217 @@
+"""The backward graph: nodes, `no_grad`, and the dependency-counted engine.
+
+A `Node` maps the gradient of its one output to gradients for its edges. An edge is the
+`Node` that produced an input, a leaf (any hashable object, in practice a `Tensor` with
+`requires_grad`) whose gradient is collected, or `None` for an input that needs none.
+
+`GraphTask` runs one backward pass. It counts, for every node reachable from its start
+nodes, how many gradients it will receive; a node runs once, when its count reaches zero.
+Start nodes receive theirs from outside through `feed`, which is what lets the
+distributed engine (a later layer) feed gradients arriving over the network into the same
+pass. A gradient may be `None` ("none is coming"): a node whose gradients were all `None`
+does not run and passes `None` on, so every count still reaches zero.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import inspect
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+
+Array = npt.NDArray[Any]
+F = TypeVar("F", bound=Callable[..., Any])
+
+_grad_enabled: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "asyncgrad_grad_enabled", default=True
+)
+
+RETAIN_GRAPH_MESSAGE = (
+    "Trying to backward through the graph a second time: its saved values were freed by "
+    "the first backward. Pass retain_graph=True to the first backward to keep them."
+)
+
+
+def is_grad_enabled() -> bool:
+    """Whether ops called now record the graph (False inside `no_grad`)."""
+    return _grad_enabled.get()
+
+
+class no_grad:
+    """Ops inside `with no_grad():` record nothing.
+
+    The flag is a contextvar, so it covers this asyncio task and the tasks it creates,
+    never a concurrently running one. Also works as a decorator (sync or async).
+    """
+
+    def __init__(self) -> None:
+        self._tokens: list[contextvars.Token[bool]] = []
+
+    def __enter__(self) -> None:
+        self._tokens.append(_grad_enabled.set(False))
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        _grad_enabled.reset(self._tokens.pop())
+
+    def __call__(self, fn: F) -> F:
+        if inspect.iscoroutinefunction(fn):
+
+            @functools.wraps(fn)
+            async def run_async(*args: Any, **kwargs: Any) -> Any:
+                with no_grad():
+                    return await fn(*args, **kwargs)
+
+            return run_async  # type: ignore[return-value]
+
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            with no_grad():
+                return fn(*args, **kwargs)
+
+        return run  # type: ignore[return-value]
+
+
+class Node:
+    """A function in the backward graph with one output and `edges` toward its inputs."""
+
+    edges: tuple[Node | Hashable | None, ...] = ()
+    released = False
+
+    def backward_edges(self, grad: Array) -> Sequence[Array | None]:
+        """Gradients for `edges`, one each (`None` where an edge needs none)."""
+        raise NotImplementedError
+
+    def release(self) -> None:
+        """Drop what was saved for backward; a later backward through here must fail."""
+        self.released = True
+
+    def no_gradient(self) -> None:
+        """Called instead of `backward_edges` when every incoming gradient was `None`."""
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+
+_ABSENT: Any = object()
+
+
+def _add(total: Array | None, grad: Array | None) -> Array | None:
+    # `+` and never `+=`: the same array may be held by several buffers and leaves.
+    if total is _ABSENT or total is None:
+        return grad
+    if grad is None:
+        return total
+    return total + grad
+
+
+class GraphTask:
+    """One backward pass over the nodes reachable from `starts`.
+
+    Each start expects one gradient per time it is listed, delivered by `feed`; gradients
+    for leaves collect in `leaf_grads`. `done` turns true when every node has resolved.
+    """
+
+    def __init__(self, starts: Iterable[Node], *, retain_graph: bool = False) -> None:
+        self.retain_graph = retain_graph
+        self.leaf_grads: dict[Hashable, Array] = {}
+        self._buffers: dict[Node, Array | None] = {}
+        self._waiting: dict[Node, int] = {}
+        self._given: set[int] = set()
+        starts = list(starts)
+        for node in starts:
+            self._waiting[node] = self._waiting.get(node, 0) + 1
+        self._count_dependencies(starts)
+
+    def _count_dependencies(self, starts: list[Node]) -> None:
+        # Iterative DFS: a 10,000-node chain must not touch Python's recursion limit.
+        seen = set(starts)
+        stack = list(seen)
+        waiting = self._waiting
+        while stack:
+            for edge in stack.pop().edges:
+                if isinstance(edge, Node):
+                    waiting[edge] = waiting.get(edge, 0) + 1
+                    if edge not in seen:
+                        seen.add(edge)
+                        stack.append(edge)
+
+    @property
+    def done(self) -> bool:
+        return not self._waiting
+
+    @property
+    def pending_nodes(self) -> int:
+        return len(self._waiting)
+
+    def feed(self, node: Node, grad: Array | None) -> None:
+        """Deliver one gradient (or `None`) to `node` and run everything that became ready."""
+        if node not in self._waiting:
+            raise RuntimeError(f"{node.name} expects no more gradients in this pass")
+        ready = self._receive(node, grad)
+        while ready:
+            self._run(ready.pop(), ready)
+
+    def _receive(self, node: Node, grad: Array | None) -> list[Node]:
+        self._buffers[node] = _add(self._buffers.get(node, _ABSENT), grad)
+        left = self._waiting[node] - 1
+        if left:
+            self._waiting[node] = left
+            return []
+        del self._waiting[node]
+        return [node]
+
+    def _run(self, node: Node, ready: list[Node]) -> None:
+        grad = self._buffers.pop(node)
+        if grad is None:
+            node.no_gradient()
+            outputs: Sequence[Array | None] = (None,) * len(node.edges)
+        else:
+            if node.released:
+                raise RuntimeError(f"{node.name}: {RETAIN_GRAPH_MESSAGE}")
+            outputs = node.backward_edges(grad)
+            if not self.retain_graph:
+                node.release()
+        for edge, out in zip(node.edges, outputs, strict=True):
+            if edge is None:
+                continue
+            if isinstance(edge, Node):
+                ready.extend(self._receive(edge, out))
+            elif out is not None:
+                self._collect(edge, out)
+
+    def _collect(self, leaf: Hashable, grad: Array) -> None:
+        total = self.leaf_grads.get(leaf)
+        if total is not None:
+            self.leaf_grads[leaf] = total + grad
+            return
+        # A leaf's gradient is handed to the user: it must own its memory, since backward
+        # functions pass arrays through (add) or return views (reshape, broadcast).
+        if grad.base is not None or not grad.flags.writeable or id(grad) in self._given:
+            grad = np.array(grad, order="C")
+        self._given.add(id(grad))
+        self.leaf_grads[leaf] = grad
+
+
+def run_backward(
+    roots: Sequence[tuple[Node | Hashable, Array]], *, retain_graph: bool = False
+) -> dict[Hashable, Array]:
+    """Gradients of the leaves reached from `roots`, each root a (node or leaf, gradient)."""
+    nodes = [start for start, _ in roots if isinstance(start, Node)]
+    task = GraphTask(nodes, retain_graph=retain_graph)
+    for start, grad in roots:
+        if isinstance(start, Node):
+            task.feed(start, grad)
+        else:
+            task._collect(start, grad)
+    return task.leaf_grads

@@ -1,0 +1,107 @@
+"""DESIGN.md's layering, enforced: imports point down only.
+
+Every module of the package must be listed here; a new module fails this test until its
+layer is decided.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import asyncgrad
+
+PACKAGE = Path(asyncgrad.__file__).parent
+
+# module (dotted, relative to asyncgrad) -> layer
+LAYER_OF = {
+    "errors": "errors",
+    "graph": "tensor",
+    "ops": "tensor",
+    "tensor": "tensor",
+    "nn": "nn",
+    "nn.functional": "nn",
+    "nn.modules": "nn",
+    "optim": "nn",
+    "codec": "codec",
+    "embedded": "embedded",
+    "bench": "app",
+    "bench.local": "app",
+    "cli": "app",
+    "__main__": "app",
+    "__init__": "app",
+}
+
+# layer -> the asyncgrad layers it may import
+ALLOWED = {
+    "errors": set(),
+    "tensor": {"errors", "tensor"},
+    "nn": {"errors", "tensor", "nn"},
+    "codec": {"errors", "codec"},
+    "embedded": {"errors", "embedded"},
+    "app": set(LAYER_OF.values()),
+}
+
+# layer -> third-party or stdlib packages it must not touch
+FORBIDDEN = {
+    "errors": {"asyncio", "redis", "hiredis", "msgpack", "numpy"},
+    "tensor": {"asyncio", "redis", "hiredis", "msgpack", "pickle"},
+    "nn": {"asyncio", "redis", "hiredis", "msgpack", "pickle"},
+    "codec": {"asyncio", "redis", "hiredis", "pickle"},
+    "embedded": {"numpy", "msgpack", "pickle"},
+    "app": {"pickle"},
+}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+    if parts[-1] == "__init__" and len(parts) > 1:
+        parts.pop()
+    return ".".join(parts)
+
+
+def imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            if node.module == "asyncgrad":
+                found.update(f"asyncgrad.{alias.name}" for alias in node.names)
+    return found
+
+
+def layer_of_import(name: str) -> str | None:
+    parts = name.split(".")[1:]
+    while parts:
+        if ".".join(parts) in LAYER_OF:
+            return LAYER_OF[".".join(parts)]
+        parts.pop()
+    return None
+
+
+def test_every_module_has_a_layer() -> None:
+    modules = {module_name(p) for p in PACKAGE.rglob("*.py")}
+    assert modules - set(LAYER_OF) == set(), "add new modules to LAYER_OF"
+
+
+def test_imports_point_down() -> None:
+    violations = []
+    for path in PACKAGE.rglob("*.py"):
+        layer = LAYER_OF[module_name(path)]
+        for name in imports(path):
+            top = name.split(".")[0]
+            if top == "asyncgrad":
+                target = layer_of_import(name)
+                if target is not None and target not in ALLOWED[layer]:
+                    violations.append(f"{module_name(path)} ({layer}) imports {name} ({target})")
+            elif top in FORBIDDEN[layer]:
+                violations.append(f"{module_name(path)} ({layer}) imports {name}")
+    assert violations == []
+
+
+def test_checker_sees_a_violation() -> None:
+    # The rule must be able to fail: a tensor-layer module importing the codec is caught.
+    assert layer_of_import("asyncgrad.codec") not in ALLOWED["tensor"]
+    assert "msgpack" in FORBIDDEN["tensor"]

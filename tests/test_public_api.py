@@ -1,0 +1,54 @@
+"""The public names of API.md, pinned."""
+
+from __future__ import annotations
+
+import asyncgrad as ag
+
+
+def test_top_level_all() -> None:
+    assert sorted(ag.__all__) == sorted(
+        [
+            "AsyncgradError",
+            "CodecError",
+            "ContextError",
+            "NotExposedError",
+            "RPCTimeout",
+            "RemoteError",
+            "RpcError",
+            "Tensor",
+            "TransportError",
+            "WorkerUnavailable",
+            "cat",
+            "is_grad_enabled",
+            "nn",
+            "no_grad",
+            "ones",
+            "optim",
+            "randn",
+            "stack",
+            "tensor",
+            "zeros",
+        ]
+    )
+    for name in ag.__all__:
+        assert getattr(ag, name) is not None
+
+
+def test_nn_and_optim_names() -> None:
+    for name in ["Module", "Parameter", "Linear", "Sequential", "ReLU", "Tanh", "functional"]:
+        assert hasattr(ag.nn, name)
+    for name in ["relu", "tanh", "sigmoid", "softmax", "log_softmax", "cross_entropy", "mse_loss"]:
+        assert callable(getattr(ag.nn.functional, name))
+    for name in ["SGD", "Adam"]:
+        assert hasattr(ag.optim, name)
+
+
+def test_exception_tree() -> None:
+    assert issubclass(ag.RPCTimeout, TimeoutError)
+    for exc in (ag.RPCTimeout, ag.RemoteError, ag.WorkerUnavailable, ag.NotExposedError):
+        assert issubclass(exc, ag.RpcError)
+    for exc in (ag.CodecError, ag.TransportError, ag.RpcError, ag.ContextError):
+        assert issubclass(exc, ag.AsyncgradError)
+    err = ag.RemoteError("ValueError", "bad", worker="ps", remote_traceback="tb")
+    assert (err.remote_type, err.worker, err.remote_traceback) == ("ValueError", "ps", "tb")
+    assert "ValueError on ps: bad" in str(err)
