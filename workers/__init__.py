@@ -1,0 +1,1 @@
+"""Worker modules that `asyncgrad worker NAME --import workers.MODULE` loads."""
