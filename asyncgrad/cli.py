@@ -62,12 +62,34 @@ def _parser() -> argparse.ArgumentParser:
     up = command("up", _up, "run an embedded Redis in the foreground and print its URL")
     up.add_argument("--port", type=int, default=6379, help="TCP port; 0 picks a free one")
 
+    worker = command("worker", _worker, "serve exposed functions until SIGINT/SIGTERM")
+    worker.add_argument("name", help="the worker's name, unique in its namespace")
+    _connection_options(worker)
+    worker.add_argument(
+        "--import", dest="imports", action="append", default=[], metavar="MODULE",
+        help="a module that exposes functions (repeatable)",
+    )  # fmt: skip
+
+    status = command("status", _status, "live workers, heartbeat age, inbox backlog")
+    _connection_options(status)
+
     bench = command("bench", _bench, "run the benchmark workloads of BENCH.md")
     bench.add_argument("--only", help="comma-separated workloads or prefixes, e.g. B1,B6")
     bench.add_argument("--json", type=Path, metavar="PATH", help="write all results here")
     bench.add_argument("--quick", action="store_true", help="about 10x fewer iterations")
 
     return parser
+
+
+def _connection_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--redis", metavar="URL", help="default: $ASYNCGRAD_REDIS_URL")
+    parser.add_argument("--namespace", default="asyncgrad", help="default: asyncgrad")
+
+
+def _redis_url(args: argparse.Namespace) -> str:
+    from asyncgrad.rpc.agent import default_redis_url
+
+    return str(args.redis or default_redis_url())
 
 
 def _global_options(parser: argparse.ArgumentParser, default: object) -> None:
@@ -94,6 +116,24 @@ def _up(args: argparse.Namespace) -> int:
     except PortInUse as e:
         raise PortInUse(f"{e.args[0].splitlines()[0]}; pass --port 0 to pick a free port") from e
     raise EmbeddedRedisError(f"redis-server exited unexpectedly with code {code}")
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from asyncgrad.worker import Worker
+
+    worker = Worker(
+        args.name, imports=args.imports, redis_url=_redis_url(args), namespace=args.namespace
+    )
+    return worker.run()
+
+
+def _status(args: argparse.Namespace) -> int:
+    from asyncgrad import status
+    from asyncgrad.worker import run_loop
+
+    rows = run_loop(status.collect(_redis_url(args), args.namespace))
+    status.render(rows, args.namespace)
+    return 0
 
 
 def _bench(args: argparse.Namespace) -> int:

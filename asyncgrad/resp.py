@@ -1,0 +1,316 @@
+"""A lean Redis client: RESP2 over one socket, parsed by hiredis, pipelined.
+
+Why not redis-py on the hot path: its per-command overhead is 70-180 us on this kind of
+machine (bench/REDIS_FLOOR.md), as much as a whole Redis round trip. Here a command is
+`pack_command` plus one future; every command issued in one event-loop tick leaves in a
+single write, and replies are matched to waiters in order. Large buffers are written as
+they are (a memoryview of an array is never joined into a new bytes object).
+
+`RedisAddress` parses the URL forms asyncgrad accepts:
+`redis://[user:password@]host[:port][/db]`, `rediss://...` (TLS; query parameters
+`ssl_ca_certs`, `ssl_certfile`, `ssl_keyfile`, `ssl_cert_reqs=none|optional|required`,
+`ssl_check_hostname=false`) and `unix:///path/to/redis.sock[?db=N&password=...]`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import socket
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, cast
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import hiredis
+
+from asyncgrad.errors import TransportError
+
+__all__ = [
+    "DEFAULT_URL",
+    "Connection",
+    "ConnectionLost",
+    "RedisAddress",
+    "ReplyError",
+    "SyncConnection",
+]
+
+DEFAULT_URL = "redis://127.0.0.1:6379/0"
+# Above this, an argument is written as its own buffer instead of being packed (copied).
+_LARGE = 64 * 1024
+Arg = bytes | memoryview | str | int | float
+# hiredis's stubs declare a one-element tuple; it takes any number of arguments.
+_pack = cast(Callable[[tuple[Arg, ...]], bytes], hiredis.pack_command)
+
+
+class ConnectionLost(TransportError):
+    """The connection to Redis closed or could not be made."""
+
+
+class ReplyError(TransportError):
+    """Redis answered a command with an error (`.code` is its first word, e.g. NOGROUP)."""
+
+    @property
+    def code(self) -> str:
+        return str(self).split(" ", 1)[0]
+
+
+@dataclass(frozen=True)
+class RedisAddress:
+    """Where a Redis server is and how to log in to it."""
+
+    host: str = "127.0.0.1"
+    port: int = 6379
+    path: str | None = None
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    tls: dict[str, str] | None = field(default=None, hash=False)
+
+    @classmethod
+    def from_url(cls, url: str) -> RedisAddress:
+        parts = urlsplit(url)
+        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        username = unquote(parts.username) if parts.username else query.get("username")
+        password = unquote(parts.password) if parts.password else query.get("password")
+        if parts.scheme == "unix":
+            if not parts.path:
+                raise ValueError(f"{url!r}: a unix URL needs a socket path")
+            db = int(query.get("db", "0"))
+            return cls(path=parts.path, db=db, username=username or None, password=password)
+        if parts.scheme not in ("redis", "rediss"):
+            raise ValueError(
+                f"{url!r}: unsupported scheme {parts.scheme!r} (use redis://, rediss:// or unix://)"
+            )
+        path_db = parts.path.lstrip("/")
+        tls = {k: v for k, v in query.items() if k.startswith("ssl_")}
+        return cls(
+            host=parts.hostname or "127.0.0.1",
+            port=parts.port or 6379,
+            db=int(path_db or query.get("db", "0")),
+            username=username or None,
+            password=password,
+            tls=tls if parts.scheme == "rediss" else None,
+        )
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        if self.tls is None:
+            return None
+        ctx = ssl.create_default_context(cafile=self.tls.get("ssl_ca_certs"))
+        if certfile := self.tls.get("ssl_certfile"):
+            ctx.load_cert_chain(certfile, self.tls.get("ssl_keyfile"))
+        reqs = self.tls.get("ssl_cert_reqs", "required").lower()
+        if self.tls.get("ssl_check_hostname", "true").lower() in ("false", "0", "no") or (
+            reqs == "none"
+        ):
+            ctx.check_hostname = False
+        ctx.verify_mode = {
+            "none": ssl.CERT_NONE,
+            "optional": ssl.CERT_OPTIONAL,
+            "required": ssl.CERT_REQUIRED,
+        }[reqs]
+        return ctx
+
+    def login_commands(self, client_name: str | None) -> list[tuple[Arg, ...]]:
+        commands: list[tuple[Arg, ...]] = []
+        if self.password is not None:
+            user = (self.username,) if self.username else ()
+            commands.append(("AUTH", *user, self.password))
+        if self.db:
+            commands.append(("SELECT", self.db))
+        if client_name:
+            commands.append(("CLIENT", "SETNAME", client_name))
+        return commands
+
+    def __str__(self) -> str:
+        where = f"unix://{self.path}" if self.path else f"{self.host}:{self.port}"
+        return f"{where}/{self.db}"
+
+
+def encode_command(args: tuple[Arg, ...]) -> list[bytes | memoryview]:
+    """RESP for one command; large buffers stay separate, uncopied."""
+    if not any(type(a) is memoryview and a.nbytes > _LARGE for a in args):
+        return [_pack(args)]
+    chunks: list[bytes | memoryview] = [b"*%d\r\n" % len(args)]
+    small: list[Arg] = []
+    for arg in args:
+        if type(arg) is memoryview and arg.nbytes > _LARGE:
+            if small:
+                chunks.append(_pack(tuple(small)).split(b"\r\n", 1)[1])
+                small = []
+            chunks += [b"$%d\r\n" % arg.nbytes, arg, b"\r\n"]
+        else:
+            small.append(arg)
+    if small:
+        chunks.append(_pack(tuple(small)).split(b"\r\n", 1)[1])
+    return chunks
+
+
+Waiter = asyncio.Future[Any] | Callable[[Any], None] | None
+
+
+class Connection(asyncio.Protocol):
+    """One pipelined connection. `command()` queues; the queue leaves once per loop tick.
+
+    A waiter is a future, a callback (given the reply or the `ReplyError`), or `None` for
+    a reply nobody reads: fire-and-forget commands still need their place in the order.
+    """
+
+    def __init__(self, name: str | None = None) -> None:
+        self.name = name
+        self._reader = hiredis.Reader(replyError=ReplyError)
+        self._waiters: collections.deque[Waiter] = collections.deque()
+        self._out: list[bytes | memoryview] = []
+        self._flush_handle: asyncio.Handle | None = None
+        self._transport: asyncio.Transport | None = None
+        self._lost: BaseException | None = None
+        self.closed = asyncio.Event()
+
+    @classmethod
+    async def open(
+        cls, address: RedisAddress, *, name: str | None = None, connect_timeout: float = 10.0
+    ) -> Connection:
+        """Connect, log in and select the database; `ConnectionLost` if that fails."""
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(connect_timeout):
+                if address.path:
+                    _, conn = await loop.create_unix_connection(lambda: cls(name), address.path)
+                else:
+                    ctx = address.ssl_context()
+                    _, conn = await loop.create_connection(
+                        lambda: cls(name),
+                        address.host,
+                        address.port,
+                        ssl=ctx,
+                        server_hostname=address.host if ctx else None,
+                    )
+                for command in address.login_commands(name):
+                    await conn.execute(*command)
+        except (OSError, TimeoutError, ssl.SSLError) as e:
+            raise ConnectionLost(f"cannot connect to Redis at {address}: {e}") from e
+        except ReplyError as e:
+            conn.close()
+            raise ConnectionLost(f"Redis at {address} refused the login: {e}") from e
+        return conn
+
+    # *** asyncio.Protocol ***
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+
+    def data_received(self, data: bytes) -> None:
+        reader, waiters = self._reader, self._waiters
+        reader.feed(data)
+        while (reply := reader.gets()) is not False:
+            waiter = waiters.popleft()
+            if waiter is None:
+                continue
+            if isinstance(waiter, asyncio.Future):
+                if not waiter.done():
+                    if isinstance(reply, ReplyError):
+                        waiter.set_exception(reply)
+                    else:
+                        waiter.set_result(reply)
+            else:
+                waiter(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = ConnectionLost(
+            f"connection {self.name or ''} to Redis lost" + (f": {exc}" if exc else "")
+        )
+        self._transport = None
+        waiters, self._waiters = self._waiters, collections.deque()
+        for waiter in waiters:
+            if isinstance(waiter, asyncio.Future):
+                if not waiter.done():
+                    waiter.set_exception(self._lost)
+            elif waiter is not None:
+                waiter(self._lost)
+        self.closed.set()
+
+    # *** commands ***
+
+    @property
+    def is_open(self) -> bool:
+        return self._transport is not None
+
+    def command(self, *args: Arg, waiter: Waiter = None) -> None:
+        """Queue a command; its reply goes to `waiter`."""
+        if self._transport is None:
+            lost = self._lost or ConnectionLost("connection to Redis is not open")
+            if isinstance(waiter, asyncio.Future):
+                waiter.set_exception(lost)
+            elif waiter is not None:
+                waiter(lost)
+            return
+        self._out += encode_command(args)
+        self._waiters.append(waiter)
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+
+    def execute(self, *args: Arg) -> asyncio.Future[Any]:
+        """Queue a command and return the future of its reply."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.command(*args, waiter=future)
+        return future
+
+    def flush(self) -> None:
+        """Write what is queued now, instead of at the end of this loop tick."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush()
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        out, self._out = self._out, []
+        if self._transport is not None and out:
+            self._transport.writelines(out)
+
+    def close(self) -> None:
+        self.flush()
+        if self._transport is not None:
+            self._transport.close()
+
+
+class SyncConnection:
+    """A blocking connection for a thread that must not depend on the event loop."""
+
+    def __init__(self, address: RedisAddress, *, name: str | None = None, timeout: float = 5.0):
+        self._reader = hiredis.Reader(replyError=ReplyError)
+        try:
+            if address.path:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.settimeout(timeout)
+                sock.connect(address.path)
+            else:
+                sock = socket.create_connection((address.host, address.port), timeout=timeout)
+                if ctx := address.ssl_context():
+                    sock = ctx.wrap_socket(sock, server_hostname=address.host)
+        except OSError as e:
+            raise ConnectionLost(f"cannot connect to Redis at {address}: {e}") from e
+        self._sock = sock
+        for command in address.login_commands(name):
+            self.execute(*command)
+
+    def execute(self, *args: Arg) -> Any:
+        try:
+            self._sock.sendall(_pack(args))
+            while (reply := self._reader.gets()) is False:
+                data = self._sock.recv(65536)
+                if not data:
+                    raise ConnectionLost("Redis closed the connection")
+                self._reader.feed(data)
+        except OSError as e:
+            raise ConnectionLost(f"Redis connection failed: {e}") from e
+        if isinstance(reply, ReplyError):
+            raise reply
+        return reply
+
+    def close(self) -> None:
+        self._sock.close()

@@ -1,0 +1,71 @@
+"""RPC over Redis streams, named as in `torch.distributed.rpc` and asyncio-native.
+
+    @ag.rpc.expose
+    async def forward(x): ...
+
+    async with ag.rpc.Agent("trainer") as agent:
+        y = await agent.rpc_async("ps", forward, args=(x,))
+
+The module-level functions use the current agent: the one of the `async with` block or
+exposed function this task runs in, else the one `init` started.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from asyncgrad.rpc.agent import Agent, WorkerInfo, _process_default, current_agent
+from asyncgrad.rpc.exposed import expose
+from asyncgrad.rpc.rref import RRef
+
+__all__ = [
+    "Agent",
+    "RRef",
+    "WorkerInfo",
+    "current_agent",
+    "expose",
+    "get_worker_info",
+    "init",
+    "remote",
+    "rpc_async",
+    "shutdown",
+]
+
+
+async def init(name: str, **agent_kwargs: Any) -> Agent:
+    """Start an agent and make it current for this process; returns it."""
+    agent = await Agent(name, **agent_kwargs).start()
+    _process_default.append(agent)
+    return agent
+
+
+async def rpc_async(
+    to: str,
+    fn: Any,
+    args: tuple[Any, ...] = (),
+    kwargs: dict[str, Any] | None = None,
+    timeout: float | None = None,
+) -> Any:
+    """`current_agent().rpc_async(...)`."""
+    return await current_agent().rpc_async(to, fn, args, kwargs, timeout)
+
+
+async def remote(
+    to: str,
+    fn: Any,
+    args: tuple[Any, ...] = (),
+    kwargs: dict[str, Any] | None = None,
+    timeout: float | None = None,
+) -> RRef[Any]:
+    """`current_agent().remote(...)`."""
+    return await current_agent().remote(to, fn, args, kwargs, timeout)
+
+
+async def get_worker_info(name: str | None = None) -> WorkerInfo:
+    """`current_agent().get_worker_info(name)`."""
+    return await current_agent().get_worker_info(name)
+
+
+async def shutdown(graceful: bool = True) -> None:
+    """Shut the current agent down."""
+    await current_agent().shutdown(graceful)

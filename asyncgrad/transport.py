@@ -1,0 +1,515 @@
+"""Redis as the wire: key names, inbox streams, acks, dead letters, heartbeats, registry.
+
+Every key asyncgrad uses is built by the functions under `keys`, and each carries the
+namespace and, for one agent's keys, a `{agent}` hash tag so that a Redis Cluster keeps
+them in one slot.
+
+An agent reads its inbox stream through a consumer group on a dedicated connection
+(`XREADGROUP ... BLOCK`) and writes on another. Messages are lists of frames; all the
+messages sent to one inbox in one event-loop tick travel in one stream entry (fields
+`m` for a message's first frame, `f` for each further frame). An entry is acked and
+deleted once every message in it is `done`, so streams stay near empty. An entry that
+does not parse goes to a bounded dead-letter stream. After a reconnect the agent first
+re-reads its own pending entries (delivered but never acked); the layer above drops the
+duplicates. A thread refreshes the heartbeat key, so a busy event loop never looks dead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import re
+import socket
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from asyncgrad.errors import TransportError
+from asyncgrad.resp import Arg, Connection, ConnectionLost, RedisAddress, ReplyError, SyncConnection
+
+__all__ = [
+    "GROUP",
+    "Inbound",
+    "InboxMissing",
+    "Transport",
+    "TransportSettings",
+    "check_name",
+    "dead_letters",
+    "heartbeat",
+    "inbox",
+    "registry",
+]
+
+logger = logging.getLogger(__name__)
+
+GROUP = "asyncgrad"
+_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,100}")
+_MAX_PER_ENTRY = 256
+_DEAD_LETTER_MAXLEN = 1000
+_DEAD_LETTER_FIELD_BYTES = 64 * 1024
+_MAX_DELIVERIES = 3
+
+
+def check_name(kind: str, value: str) -> str:
+    """Agent names and namespaces: letters, digits, `_ . -` (they are part of key names)."""
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        raise ValueError(f"{kind} {value!r} must be 1-100 of the characters A-Z a-z 0-9 _ . -")
+    return value
+
+
+# *** keys ***
+
+
+def inbox(namespace: str, agent: str) -> str:
+    return f"{namespace}:{{{agent}}}:inbox"
+
+
+def heartbeat(namespace: str, agent: str) -> str:
+    return f"{namespace}:{{{agent}}}:alive"
+
+
+def dead_letters(namespace: str, agent: str) -> str:
+    return f"{namespace}:{{{agent}}}:dead"
+
+
+def registry(namespace: str) -> str:
+    return f"{namespace}:registry"
+
+
+# Gives `name` the id it had before, else the smallest free one (ids stay below 2**16).
+_REGISTER = """
+local id = redis.call('HGET', KEYS[1], 'n:' .. ARGV[1])
+if id then return tonumber(id) end
+for i = 0, 65535 do
+  if redis.call('HSETNX', KEYS[1], 'i:' .. i, ARGV[1]) == 1 then
+    redis.call('HSET', KEYS[1], 'n:' .. ARGV[1], i)
+    return i
+  end
+end
+return redis.error_reply('ERR no free agent id in this namespace')
+"""
+# Deletes the inbox only if nothing waits in it, so a late message is never lost silently.
+_DROP_IF_EMPTY = "if redis.call('XLEN', KEYS[1]) == 0 then return redis.call('DEL', KEYS[1]) end"
+
+
+class InboxMissing(TransportError):
+    """The destination's inbox does not exist: that agent never started or left."""
+
+
+@dataclass(frozen=True)
+class TransportSettings:
+    """Timings of one agent's link to Redis."""
+
+    heartbeat_ttl: float = 3.0
+    heartbeat_interval: float = 0.75
+    block_ms: int = 2000
+    read_count: int = 512
+    reconnect_max_delay: float = 2.0
+    connect_timeout: float = 10.0
+
+
+class _Entry:
+    __slots__ = ("id", "remaining")
+
+    def __init__(self, entry_id: bytes, remaining: int) -> None:
+        self.id, self.remaining = entry_id, remaining
+
+
+class Inbound:
+    """One received message: its frames, and the stream entry it came in."""
+
+    __slots__ = ("entry", "frames")
+
+    def __init__(self, frames: list[bytes], entry: _Entry) -> None:
+        self.frames, self.entry = frames, entry
+
+
+class Transport:
+    """One agent's inbox, heartbeat and outgoing streams. `deliver` gets each batch read."""
+
+    def __init__(
+        self,
+        address: RedisAddress,
+        namespace: str,
+        name: str,
+        deliver: Callable[[list[Inbound]], None],
+        settings: TransportSettings | None = None,
+    ) -> None:
+        self.address = address
+        self.namespace = check_name("namespace", namespace)
+        self.name = check_name("agent name", name)
+        self.settings = settings or TransportSettings()
+        self.id = -1
+        self._deliver = deliver
+        self._inbox = inbox(namespace, name)
+        self._reader: Connection | None = None
+        self._writer: Connection | None = None
+        self._outbox: dict[str, list[tuple[list[bytes | memoryview], asyncio.Future[None]]]] = {}
+        self._acks: list[bytes] = []
+        self._backlog: list[tuple[tuple[Arg, ...], Callable[[Any], None] | None]] = []
+        self._flush_handle: asyncio.Handle | None = None
+        self._closing = False
+        self._last_id = b"0"  # own pending entries first: delivered before, never acked
+        self._recovering: asyncio.Task[None] | None = None
+        self._reconnecting: asyncio.Task[None] | None = None
+        self._beat_stop = threading.Event()
+        self._beat_thread: threading.Thread | None = None
+        self._written = itertools.count()
+
+    # *** lifecycle ***
+
+    async def start(self) -> int:
+        """Connect, create the inbox and its group, register, start heartbeats and reading."""
+        self._writer = await self._connect("writer")
+        self._reader = await self._connect("reader")
+        await self._prepare(self._reader)
+        beat = SyncConnection(self.address, name=self._client_name("heartbeat"))
+        self._beat(beat)
+        self._beat_thread = threading.Thread(
+            target=self._beat_forever, args=(beat,), name=f"asyncgrad-heartbeat-{self.name}"
+        )
+        self._beat_thread.daemon = True
+        self._beat_thread.start()
+        self._read_next()
+        return self.id
+
+    async def _prepare(self, conn: Connection) -> None:
+        """Inbox, group and registry entry: idempotent, rerun after every reconnect.
+
+        Runs on the reader connection, which is idle between two reads.
+        """
+        try:
+            await conn.execute("XGROUP", "CREATE", self._inbox, GROUP, "0", "MKSTREAM")
+        except ReplyError as e:
+            if e.code != "BUSYGROUP":
+                raise
+        self.id = int(await conn.execute("EVAL", _REGISTER, 1, registry(self.namespace), self.name))
+        await self._reclaim(conn)
+
+    async def close(self) -> None:
+        """Stop reading, flush acks, stop heartbeats; the inbox goes if nothing waits in it."""
+        if self._closing:
+            return
+        self._closing = True
+        self._beat_stop.set()
+        if self._reader is not None:
+            self._reader.close()
+        for task in (self._recovering, self._reconnecting):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        writer = self._writer
+        if writer is not None and writer.is_open:
+            self._flush()
+            try:
+                async with asyncio.timeout(self.settings.connect_timeout):
+                    await writer.execute("DEL", heartbeat(self.namespace, self.name))
+                    await writer.execute("EVAL", _DROP_IF_EMPTY, 1, self._inbox)
+            except (TransportError, TimeoutError) as e:
+                logger.warning("event=close_cleanup_failed agent=%s error=%s", self.name, e)
+            writer.close()
+            await writer.closed.wait()
+        if self._beat_thread is not None:
+            await asyncio.to_thread(self._beat_thread.join, self.settings.connect_timeout)
+
+    # *** sending ***
+
+    def send(self, dest: str, frames: list[bytes | memoryview]) -> asyncio.Future[None]:
+        """Queue a message for `dest`'s inbox; the future resolves once Redis stored it.
+
+        It fails with `InboxMissing` if `dest` has no inbox (never started, or left), and
+        with `TransportError` if Redis is unreachable right now.
+        """
+        if self._writer is None or not self._writer.is_open:
+            raise TransportError(f"Redis at {self.address} is unreachable (reconnecting)")
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._outbox.setdefault(dest, []).append((frames, future))
+        self._schedule_flush()
+        return future
+
+    def done(self, message: Inbound) -> None:
+        """The message is handled; its entry is acked and deleted when all of it is."""
+        entry = message.entry
+        entry.remaining -= 1
+        if entry.remaining == 0:
+            self._acks.append(entry.id)
+            self._schedule_flush()
+
+    def dead_letter(self, message: Inbound, reason: str) -> None:
+        """Keep a message that could not be handled in the bounded dead-letter stream."""
+        self._dead_letter(message.entry.id, [b"f", *message.frames], reason)
+        self.done(message)
+
+    def _dead_letter(self, entry_id: bytes, fields: list[bytes], reason: str) -> None:
+        logger.warning("event=dead_letter agent=%s entry=%s reason=%s", self.name, entry_id, reason)
+        kept: list[Arg] = []
+        for i in range(0, len(fields) - 1, 2):
+            kept += [b"orig-" + bytes(fields[i]), bytes(fields[i + 1][:_DEAD_LETTER_FIELD_BYTES])]
+        key = dead_letters(self.namespace, self.name)
+        args = ("XADD", key, "MAXLEN", "~", _DEAD_LETTER_MAXLEN, "*", "reason", reason, "entry")
+        self._write((*args, entry_id, *kept), self._log_failure)
+
+    def _schedule_flush(self) -> None:
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        outbox, self._outbox = self._outbox, {}
+        for dest, queued in outbox.items():
+            for start in range(0, len(queued), _MAX_PER_ENTRY):
+                batch = queued[start : start + _MAX_PER_ENTRY]
+                args: list[Arg] = ["XADD", inbox(self.namespace, dest), "NOMKSTREAM", "*"]
+                for frames, _ in batch:
+                    args += [b"m", frames[0]]
+                    for frame in frames[1:]:
+                        args += [b"f", frame]
+                self._write(tuple(args), self._stored(dest, [f for _, f in batch]))
+        if self._acks:
+            ids, self._acks = self._acks, []
+            self._write(("XACK", self._inbox, GROUP, *ids), self._log_failure)
+            self._write(("XDEL", self._inbox, *ids), self._log_failure)
+        if self._writer is not None:
+            self._writer.flush()
+
+    def _stored(self, dest: str, futures: list[asyncio.Future[None]]) -> Callable[[Any], None]:
+        def on_reply(reply: Any) -> None:
+            error: Exception | None = None
+            if reply is None:
+                error = InboxMissing(f"agent {dest!r} has no inbox in namespace {self.namespace!r}")
+            elif isinstance(reply, Exception):
+                error = reply
+            for future in futures:
+                if not future.done():
+                    if error is None:
+                        future.set_result(None)
+                    else:
+                        future.set_exception(error)
+
+        return on_reply
+
+    def _write(self, args: tuple[Arg, ...], on_reply: Callable[[Any], None] | None) -> None:
+        """Send a command; if the connection drops first, send it again after reconnecting.
+
+        Resending may store a message twice; receivers drop duplicates by message id.
+        """
+
+        def retry_on_loss(reply: Any) -> None:
+            if isinstance(reply, ConnectionLost) and not self._closing:
+                self._backlog.append((args, retry_on_loss))
+                self._reconnect()
+            elif on_reply is not None:
+                on_reply(reply)
+
+        writer = self._writer
+        if writer is not None and writer.is_open:
+            writer.command(*args, waiter=retry_on_loss)
+        elif self._closing:
+            retry_on_loss(ConnectionLost("transport closed"))
+        else:
+            self._backlog.append((args, retry_on_loss))
+            self._reconnect()
+
+    def _log_failure(self, reply: Any) -> None:
+        if isinstance(reply, Exception):
+            logger.warning("event=write_failed agent=%s error=%s", self.name, reply)
+
+    # *** queries ***
+
+    async def execute(self, *args: Arg) -> Any:
+        """One command on the writer connection (for liveness checks and the like)."""
+        return await self._require_writer().execute(*args)
+
+    async def alive(self, names: Sequence[str]) -> list[bool]:
+        """Whether each agent's heartbeat is current."""
+        writer = self._require_writer()
+        replies = [writer.execute("EXISTS", heartbeat(self.namespace, n)) for n in names]
+        return [bool(r) for r in await asyncio.gather(*replies)]
+
+    async def agents(self) -> dict[str, int]:
+        """Every agent ever registered in the namespace, with its id."""
+        flat = await self.execute("HGETALL", registry(self.namespace))
+        pairs = zip(flat[::2], flat[1::2], strict=True)
+        return {k[2:].decode(): int(v) for k, v in pairs if k.startswith(b"n:")}
+
+    def _require_writer(self) -> Connection:
+        if self._writer is None or not self._writer.is_open:
+            raise TransportError(f"Redis at {self.address} is unreachable (reconnecting)")
+        return self._writer
+
+    # *** reading ***
+
+    def _read_next(self) -> None:
+        """Ask for the next entries; the reply arrives in `_on_read` (no task hop)."""
+        reader = self._reader
+        if self._closing:
+            return
+        if reader is None or not reader.is_open:
+            self._recover(ConnectionLost("reader not connected"))
+            return
+        reader.command(
+            "XREADGROUP", "GROUP", GROUP, self.name, "COUNT", self.settings.read_count,
+            "BLOCK", self.settings.block_ms, "STREAMS", self._inbox, self._last_id,
+            waiter=self._on_read,
+        )  # fmt: skip
+        reader.flush()
+
+    def _on_read(self, reply: Any) -> None:
+        if isinstance(reply, Exception):
+            self._recover(reply)
+            return
+        entries = reply[0][1] if reply else []
+        if self._last_id != b">":
+            self._last_id = entries[-1][0] if entries else b">"
+        # Ask again first: what arrives meanwhile is already on its way when we are done.
+        self._read_next()
+        if entries:
+            try:
+                self._receive(entries)
+            except Exception:
+                # The one place a failure to handle a batch ends: report it, keep serving.
+                logger.exception("event=receive_failed agent=%s", self.name)
+
+    def _recover(self, error: Exception) -> None:
+        if self._closing or self._recovering is not None:
+            return
+        self._recovering = asyncio.get_running_loop().create_task(self._recover_reader(error))
+
+    async def _recover_reader(self, error: Exception) -> None:
+        """Reconnect the reader (or recreate a lost inbox), then read pending entries again."""
+        try:
+            if isinstance(error, ReplyError):
+                # NOGROUP: Redis lost the inbox (restarted without persistence). Anything
+                # else (LOADING, MISCONF, ...) is transient or needs an operator: retry.
+                logger.warning("event=read_failed agent=%s error=%s", self.name, error)
+                if error.code != "NOGROUP":
+                    await asyncio.sleep(self.settings.reconnect_max_delay)  # retry timer
+            while not self._closing:
+                reader = self._reader
+                if reader is None or not reader.is_open:
+                    reader = self._reader = await self._connect_with_backoff("reader")
+                try:
+                    await self._prepare(reader)
+                    break
+                except (ReplyError, ConnectionLost) as e:
+                    logger.warning("event=prepare_failed agent=%s error=%s", self.name, e)
+                    reader.close()
+            logger.info("event=reader_recovered agent=%s id=%d", self.name, self.id)
+        finally:
+            self._recovering = None
+        self._last_id = b"0"
+        self._read_next()
+
+    def _receive(self, entries: list[list[Any]]) -> None:
+        batch: list[Inbound] = []
+        for entry_id, fields in entries:
+            messages = _split(fields) if fields else None
+            if messages is None:
+                if fields:  # a deleted entry still pending has no fields: just ack it
+                    self._dead_letter(entry_id, fields, "entry is not a list of m/f fields")
+                self._acks.append(entry_id)
+                self._schedule_flush()
+                continue
+            entry = _Entry(entry_id, len(messages))
+            batch += [Inbound(frames, entry) for frames in messages]
+        if batch:
+            self._deliver(batch)
+
+    async def _reclaim(self, conn: Connection) -> None:
+        """Dead-letter own pending entries delivered too often (a message that crashes us)."""
+        pending = await conn.execute("XPENDING", self._inbox, GROUP, "-", "+", 1000, self.name)
+        poisoned = [p[0] for p in pending if int(p[3]) >= _MAX_DELIVERIES]
+        for entry_id in poisoned:
+            found = await conn.execute("XRANGE", self._inbox, entry_id, entry_id)
+            fields = found[0][1] if found and found[0][1] else []
+            self._dead_letter(entry_id, fields, f"delivered {_MAX_DELIVERIES} times, never acked")
+            self._acks.append(entry_id)
+        if pending:
+            logger.info(
+                "event=reclaimed agent=%s pending=%d dead_lettered=%d",
+                self.name, len(pending), len(poisoned),
+            )  # fmt: skip
+            self._schedule_flush()
+
+    # *** connections ***
+
+    def _client_name(self, role: str) -> str:
+        return f"asyncgrad:{self.namespace}:{self.name}:{role}"
+
+    async def _connect(self, role: str) -> Connection:
+        return await Connection.open(
+            self.address,
+            name=self._client_name(role),
+            connect_timeout=self.settings.connect_timeout,
+        )
+
+    async def _connect_with_backoff(self, role: str) -> Connection:
+        delay = 0.05
+        for attempt in itertools.count(1):
+            try:
+                return await self._connect(role)
+            except ConnectionLost as e:
+                logger.warning(
+                    "event=reconnect_failed agent=%s role=%s attempt=%d retry_in=%.2fs error=%s",
+                    self.name, role, attempt, delay, e,
+                )  # fmt: skip
+                # Backoff timer between attempts, not a wait for an event.
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.settings.reconnect_max_delay)
+        raise AssertionError("unreachable")
+
+    def _reconnect(self) -> None:
+        if self._reconnecting is None and not self._closing:
+            self._reconnecting = asyncio.get_running_loop().create_task(self._reconnect_writer())
+
+    async def _reconnect_writer(self) -> None:
+        try:
+            self._writer = await self._connect_with_backoff("writer")
+            logger.info(
+                "event=reconnected agent=%s role=writer resend=%d", self.name, len(self._backlog)
+            )
+            backlog, self._backlog = self._backlog, []
+            for args, on_reply in backlog:
+                self._writer.command(*args, waiter=on_reply)
+        finally:
+            self._reconnecting = None
+
+    # *** heartbeat ***
+
+    def _beat(self, conn: SyncConnection) -> None:
+        ttl_ms = int(self.settings.heartbeat_ttl * 1000)
+        value = f"id={self.id} pid={os.getpid()} host={socket.gethostname()} ttl_ms={ttl_ms}"
+        conn.execute("SET", heartbeat(self.namespace, self.name), value, "PX", ttl_ms)
+
+    def _beat_forever(self, conn: SyncConnection | None) -> None:
+        while not self._beat_stop.wait(self.settings.heartbeat_interval):
+            try:
+                if conn is None:
+                    conn = SyncConnection(self.address, name=self._client_name("heartbeat"))
+                self._beat(conn)
+            except TransportError as e:
+                logger.warning("event=heartbeat_failed agent=%s error=%s", self.name, e)
+                if conn is not None:
+                    conn.close()
+                conn = None
+        if conn is not None:
+            conn.close()
+
+
+def _split(fields: list[bytes]) -> list[list[bytes]] | None:
+    """The messages of one entry, or None if the fields are not `m`/`f` pairs."""
+    if len(fields) % 2 or fields[0] != b"m":
+        return None
+    messages: list[list[bytes]] = []
+    for i in range(0, len(fields), 2):
+        kind, value = fields[i], fields[i + 1]
+        if kind == b"m":
+            messages.append([value])
+        elif kind == b"f":
+            messages[-1].append(value)
+        else:
+            return None
+    return messages
