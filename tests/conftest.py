@@ -6,14 +6,21 @@ import contextlib
 import os
 import select
 import signal
+import subprocess
+import sys
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import pytest
+import redis
 
 from asyncgrad.embedded import EmbeddedRedis
+from asyncgrad.rpc import Agent
+
+ROOT = Path(__file__).resolve().parent.parent
 
 DEADLINE = 5.0  # seconds a test waits for a child process before failing
 
@@ -29,9 +36,87 @@ def redis_url() -> Iterator[str]:
 
 
 @pytest.fixture
-def namespace() -> str:
-    """A namespace of this test's own, so tests share one Redis without flushing it."""
-    return "t-" + uuid.uuid4().hex[:12]
+def namespace(redis_url: str) -> Iterator[str]:
+    """A namespace of this test's own, so tests share one Redis without flushing it.
+
+    Its keys are deleted afterwards, so a shared Redis (CI's) does not fill up.
+    """
+    ns = "t-" + uuid.uuid4().hex[:12]
+    yield ns
+    with redis.Redis.from_url(redis_url) as client:
+        keys = list(client.scan_iter(match=f"{ns}:*", count=1000))
+        if keys:
+            client.delete(*keys)
+
+
+@pytest.fixture
+async def make_agent(redis_url: str, namespace: str) -> AsyncIterator[Callable[..., Any]]:
+    """`await make_agent(name, **kwargs)`: a started Agent in this test's namespace.
+
+    Every agent made is shut down at teardown (non-gracefully, so a failed test never
+    waits for calls that will not come).
+    """
+    agents: list[Agent] = []
+
+    async def make(name: str, **kwargs: Any) -> Agent:
+        kwargs.setdefault("redis_url", redis_url)
+        kwargs.setdefault("namespace", namespace)
+        agent = await Agent(name, **kwargs).start()
+        agents.append(agent)
+        return agent
+
+    yield make
+    for agent in reversed(agents):
+        await agent.shutdown(graceful=False)
+
+
+@dataclass
+class WorkerProcess:
+    """A real `asyncgrad worker` child process."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    log: list[str]
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+@pytest.fixture
+def spawn_worker(
+    redis_url: str, namespace: str, read_line: Callable[[IO[bytes]], str]
+) -> Iterator[Callable[..., WorkerProcess]]:
+    """`spawn_worker(name, *modules)`: `asyncgrad worker` in a subprocess, once it serves.
+
+    Waits for its `event=worker_serving` log line (never a sleep); kills what is left at
+    teardown.
+    """
+    spawned: list[WorkerProcess] = []
+
+    def spawn(name: str, *modules: str, extra_args: tuple[str, ...] = ()) -> WorkerProcess:
+        argv = [sys.executable, "-m", "asyncgrad", "worker", name, "--redis", redis_url]
+        argv += ["--namespace", namespace, *extra_args]
+        for module in modules:
+            argv += ["--import", module]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        process = subprocess.Popen(argv, stderr=subprocess.PIPE, env=env, cwd=ROOT)
+        worker = WorkerProcess(name, process, [])
+        spawned.append(worker)
+        assert process.stderr is not None
+        while True:
+            line = read_line(process.stderr)
+            worker.log.append(line)
+            if "event=worker_serving" in line:
+                return worker
+
+    yield spawn
+    for worker in spawned:
+        if worker.process.poll() is None:
+            worker.process.kill()
+        worker.process.wait(DEADLINE)
+        if worker.process.stderr is not None:
+            worker.process.stderr.close()
 
 
 @pytest.fixture
