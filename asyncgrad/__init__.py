@@ -9,7 +9,7 @@ array([2., 4.], dtype=float32)
 
 from __future__ import annotations
 
-from asyncgrad import nn, optim
+from asyncgrad import dist_autograd, nn, optim, rpc
 from asyncgrad.errors import (
     AsyncgradError,
     CodecError,
@@ -26,6 +26,10 @@ from asyncgrad.tensor import Tensor, cat, ones, randn, stack, tensor, zeros
 
 __version__ = "0.1.0"
 
+# API.md names it `optim.DistributedOptimizer`; it lives with distributed autograd, a layer
+# above optim, so it is attached here rather than imported (upward) by optim.
+optim.DistributedOptimizer = dist_autograd.DistributedOptimizer  # type: ignore[misc]
+
 __all__ = [
     "AsyncgradError",
     "CodecError",
@@ -38,12 +42,14 @@ __all__ = [
     "TransportError",
     "WorkerUnavailable",
     "cat",
+    "dist_autograd",
     "is_grad_enabled",
     "nn",
     "no_grad",
     "ones",
     "optim",
     "randn",
+    "rpc",
     "stack",
     "tensor",
     "zeros",

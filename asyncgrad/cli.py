@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -30,7 +31,7 @@ Command = Callable[[argparse.Namespace], int]
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the `asyncgrad` command line and return its exit code."""
     args = _parser().parse_args(argv)
-    _configure_logging(args.verbose)
+    _configure_logging(args.verbose, getattr(args, "lifecycle_logs", True))
     run: Command = args.run
     try:
         return run(args)
@@ -70,13 +71,33 @@ def _parser() -> argparse.ArgumentParser:
         help="a module that exposes functions (repeatable)",
     )  # fmt: skip
 
+    run = command("run", _run, "run a job: the coroutine MODULE:FUNCTION(agent)")
+    run.set_defaults(lifecycle_logs=False)
+    run.add_argument("job", metavar="MODULE:FUNCTION")
+    _connection_options(run)
+    run.add_argument("--name", default="job", help="the job agent's name (default: job)")
+    run.add_argument(
+        "--spawn", action="append", default=[], metavar="NAME=MODULE[,MODULE]",
+        help="start a local worker first (repeatable); stopped when the job ends",
+    )  # fmt: skip
+
     status = command("status", _status, "live workers, heartbeat age, inbox backlog")
+    status.set_defaults(lifecycle_logs=False)
     _connection_options(status)
 
+    demo = command("demo", _demo, "train an MLP: a parameter server and two trainers")
+    demo.set_defaults(lifecycle_logs=False)
+    demo.add_argument("--redis", metavar="URL", help="use this Redis (default: an embedded one)")
+    demo.add_argument("--namespace", default=None, help="default: a fresh one")
+    demo.add_argument("--steps", type=int, default=300, help="steps per trainer (default 300)")
+
     bench = command("bench", _bench, "run the benchmark workloads of BENCH.md")
+    bench.set_defaults(lifecycle_logs=False)
     bench.add_argument("--only", help="comma-separated workloads or prefixes, e.g. B1,B6")
     bench.add_argument("--json", type=Path, metavar="PATH", help="write all results here")
     bench.add_argument("--quick", action="store_true", help="about 10x fewer iterations")
+    _connection_options(bench)
+    bench.set_defaults(namespace=None)
 
     return parser
 
@@ -97,11 +118,16 @@ def _global_options(parser: argparse.ArgumentParser, default: object) -> None:
     parser.add_argument("--debug", action="store_true", default=default, help="show tracebacks")
 
 
-def _configure_logging(verbose: bool) -> None:
+def _configure_logging(verbose: bool, lifecycle: bool = True) -> None:
+    """Daemons log their lifecycle (INFO); interactive commands only warnings, unless -v."""
+    # Every field key=value, the time too, so a line splits on spaces into a dict.
     logging.basicConfig(
-        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s", stream=sys.stderr
+        format="time=%(asctime)s.%(msecs)03d level=%(levelname)s logger=%(name)s %(message)s",
+        datefmt="%Y-%m-%dT%H:%M:%S",
+        stream=sys.stderr,
     )
-    logging.getLogger("asyncgrad").setLevel(logging.DEBUG if verbose else logging.INFO)
+    quiet = logging.INFO if lifecycle else logging.WARNING
+    logging.getLogger("asyncgrad").setLevel(logging.DEBUG if verbose else quiet)
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -127,6 +153,23 @@ def _worker(args: argparse.Namespace) -> int:
     return worker.run()
 
 
+def _run(args: argparse.Namespace) -> int:
+    from asyncgrad.job import parse_spawns, run_job
+
+    module, _, function = args.job.partition(":")
+    if not module or not function:
+        raise ValueError(f"expected MODULE:FUNCTION, got {args.job!r}")
+    return run_job(
+        module, function, _redis_url(args), args.namespace, args.name, parse_spawns(args.spawn)
+    )
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from asyncgrad.job import run_demo
+
+    return run_demo(args.redis, args.namespace, args.steps)
+
+
 def _status(args: argparse.Namespace) -> int:
     from asyncgrad import status
     from asyncgrad.worker import run_loop
@@ -137,14 +180,19 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from asyncgrad import bench  # the workloads import everything; only this command needs them
+    # The workloads import everything; only this command needs them.
+    from asyncgrad import bench
+    from asyncgrad.bench.options import Options
 
     try:
         names = bench.select(args.only)
     except ValueError as e:
         print(f"asyncgrad bench: {e}", file=sys.stderr)
         return 2
-    return 0 if bench.run(names, quick=args.quick, json_path=args.json) else 1
+    options = Options(quick=args.quick, redis_url=args.redis)
+    if args.namespace:
+        options = dataclasses.replace(options, namespace=args.namespace)
+    return 0 if bench.run(names, options, json_path=args.json) else 1
 
 
 class _Stop(Exception):

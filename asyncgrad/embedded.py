@@ -27,7 +27,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Self
 
-__all__ = ["EmbeddedRedis", "EmbeddedRedisError", "PortInUse", "RedisServerNotFound"]
+__all__ = [
+    "EmbeddedRedis",
+    "EmbeddedRedisError",
+    "PortInUse",
+    "RedisServerNotFound",
+    "die_with_parent",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +135,7 @@ class EmbeddedRedis:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 process_group=0,  # Ctrl-C at a terminal reaches only us, and we stop the server
-                preexec_fn=_die_with_parent(),
+                preexec_fn=die_with_parent(),
             )
             assert self._proc.stdout is not None
             self._log = log = _LogPump(self._proc.stdout, self._proc.pid)
@@ -214,16 +220,17 @@ class _LogPump:
         self.ready.set()
 
 
-def _die_with_parent() -> Callable[[], None] | None:
+def die_with_parent(signal_number: int = signal.SIGKILL) -> Callable[[], None] | None:
+    """A `preexec_fn` making the kernel send `signal_number` to the child when we die (Linux)."""
     if sys.platform != "linux":
         return None
     prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before fork, not in the child
     parent = os.getpid()
 
     def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
+        prctl(_PR_SET_PDEATHSIG, int(signal_number))
         if os.getppid() != parent:  # the parent died before prctl took effect
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), signal_number)
 
     return preexec
 

@@ -1,8 +1,10 @@
 """The backward graph: nodes, `no_grad`, and the dependency-counted engine.
 
-A `Node` maps the gradient of its one output to gradients for its edges. An edge is the
-`Node` that produced an input, a leaf (any hashable object, in practice a `Tensor` with
-`requires_grad`) whose gradient is collected, or `None` for an input that needs none.
+A `Node` maps the gradient of its output to gradients for its edges. An edge is the
+`Node` that produced an input (or `(node, i)` for output `i` of a node with several, such
+as the one that receives a message's tensors over the network), a leaf (any hashable
+object, in practice a `Tensor` with `requires_grad`) whose gradient is collected, or
+`None` for an input that needs none.
 
 `GraphTask` runs one backward pass. It counts, for every node reachable from its start
 nodes, how many gradients it will receive; a node runs once, when its count reaches zero.
@@ -82,12 +84,17 @@ class no_grad:
 
 
 class Node:
-    """A function in the backward graph with one output and `edges` toward its inputs."""
+    """A function in the backward graph, with `edges` toward its inputs.
 
-    edges: tuple[Node | Hashable | None, ...] = ()
+    A node with `num_outputs > 1` receives, in `backward_edges`, a list holding one
+    gradient (or `None`) per output.
+    """
+
+    edges: tuple[Any, ...] = ()
+    num_outputs = 1
     released = False
 
-    def backward_edges(self, grad: Array) -> Sequence[Array | None]:
+    def backward_edges(self, grad: Any) -> Sequence[Array | None]:
         """Gradients for `edges`, one each (`None` where an edge needs none)."""
         raise NotImplementedError
 
@@ -115,6 +122,10 @@ def _add(total: Array | None, grad: Array | None) -> Array | None:
     return total + grad
 
 
+def _target(edge: Any) -> Any:
+    return edge[0] if type(edge) is tuple else edge
+
+
 class GraphTask:
     """One backward pass over the nodes reachable from `starts`.
 
@@ -125,7 +136,7 @@ class GraphTask:
     def __init__(self, starts: Iterable[Node], *, retain_graph: bool = False) -> None:
         self.retain_graph = retain_graph
         self.leaf_grads: dict[Hashable, Array] = {}
-        self._buffers: dict[Node, Array | None] = {}
+        self._buffers: dict[Node, Any] = {}
         self._waiting: dict[Node, int] = {}
         self._given: set[int] = set()
         starts = list(starts)
@@ -140,30 +151,37 @@ class GraphTask:
         waiting = self._waiting
         while stack:
             for edge in stack.pop().edges:
-                if isinstance(edge, Node):
-                    waiting[edge] = waiting.get(edge, 0) + 1
-                    if edge not in seen:
-                        seen.add(edge)
-                        stack.append(edge)
+                node = _target(edge)
+                if isinstance(node, Node):
+                    waiting[node] = waiting.get(node, 0) + 1
+                    if node not in seen:
+                        seen.add(node)
+                        stack.append(node)
 
     @property
     def done(self) -> bool:
         return not self._waiting
 
-    @property
-    def pending_nodes(self) -> int:
-        return len(self._waiting)
+    def reaches(self, node: Node) -> bool:
+        """Whether `node` still waits for a gradient in this pass."""
+        return node in self._waiting
 
-    def feed(self, node: Node, grad: Array | None) -> None:
-        """Deliver one gradient (or `None`) to `node` and run everything that became ready."""
+    def feed(self, node: Node, grad: Any, index: int = 0) -> None:
+        """Deliver one gradient (or `None`) for output `index` of `node`; run what is ready."""
         if node not in self._waiting:
             raise RuntimeError(f"{node.name} expects no more gradients in this pass")
-        ready = self._receive(node, grad)
+        ready = self._receive(node, index, grad)
         while ready:
             self._run(ready.pop(), ready)
 
-    def _receive(self, node: Node, grad: Array | None) -> list[Node]:
-        self._buffers[node] = _add(self._buffers.get(node, _ABSENT), grad)
+    def _receive(self, node: Node, index: int, grad: Array | None) -> list[Node]:
+        if node.num_outputs == 1:
+            self._buffers[node] = _add(self._buffers.get(node, _ABSENT), grad)
+        else:
+            slots = self._buffers.get(node)
+            if slots is None:
+                slots = self._buffers[node] = [None] * node.num_outputs
+            slots[index] = _add(slots[index], grad)
         left = self._waiting[node] - 1
         if left:
             self._waiting[node] = left
@@ -173,7 +191,7 @@ class GraphTask:
 
     def _run(self, node: Node, ready: list[Node]) -> None:
         grad = self._buffers.pop(node)
-        if grad is None:
+        if grad is None or (type(grad) is list and all(g is None for g in grad)):
             node.no_gradient()
             outputs: Sequence[Array | None] = (None,) * len(node.edges)
         else:
@@ -185,8 +203,10 @@ class GraphTask:
         for edge, out in zip(node.edges, outputs, strict=True):
             if edge is None:
                 continue
-            if isinstance(edge, Node):
-                ready.extend(self._receive(edge, out))
+            if type(edge) is tuple:
+                ready.extend(self._receive(edge[0], edge[1], out))
+            elif isinstance(edge, Node):
+                ready.extend(self._receive(edge, 0, out))
             elif out is not None:
                 self._collect(edge, out)
 
@@ -204,14 +224,17 @@ class GraphTask:
 
 
 def run_backward(
-    roots: Sequence[tuple[Node | Hashable, Array]], *, retain_graph: bool = False
+    seeds: Sequence[tuple[Any, Array]], *, retain_graph: bool = False
 ) -> dict[Hashable, Array]:
-    """Gradients of the leaves reached from `roots`, each root a (node or leaf, gradient)."""
-    nodes = [start for start, _ in roots if isinstance(start, Node)]
-    task = GraphTask(nodes, retain_graph=retain_graph)
-    for start, grad in roots:
-        if isinstance(start, Node):
-            task.feed(start, grad)
+    """Gradients of the leaves reached from `seeds`: (edge, gradient) pairs, where an edge is
+    a node, `(node, output index)` or a leaf."""
+    task = GraphTask(
+        [_target(e) for e, _ in seeds if isinstance(_target(e), Node)], retain_graph=retain_graph
+    )
+    for edge, grad in seeds:
+        node = _target(edge)
+        if isinstance(node, Node):
+            task.feed(node, grad, edge[1] if type(edge) is tuple else 0)
         else:
-            task._collect(start, grad)
+            task._collect(node, grad)
     return task.leaf_grads

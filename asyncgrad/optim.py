@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from asyncgrad.graph import Array
 from asyncgrad.tensor import Tensor
 
-__all__ = ["SGD", "Adam", "Optimizer"]
+__all__ = ["SGD", "Adam", "DistributedOptimizer", "Optimizer"]
+
+if TYPE_CHECKING:  # attached at run time by asyncgrad/__init__.py (a layer above)
+    from asyncgrad.dist_autograd.optimizer import DistributedOptimizer
 
 
 class Optimizer:

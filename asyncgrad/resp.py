@@ -155,10 +155,14 @@ class Connection(asyncio.Protocol):
 
     A waiter is a future, a callback (given the reply or the `ReplyError`), or `None` for
     a reply nobody reads: fire-and-forget commands still need their place in the order.
+    `on_lost` is called once the connection is gone, however that happened.
     """
 
-    def __init__(self, name: str | None = None) -> None:
+    def __init__(
+        self, name: str | None = None, on_lost: Callable[[Connection], None] | None = None
+    ) -> None:
         self.name = name
+        self.on_lost = on_lost
         self._reader = hiredis.Reader(replyError=ReplyError)
         self._waiters: collections.deque[Waiter] = collections.deque()
         self._out: list[bytes | memoryview] = []
@@ -169,10 +173,17 @@ class Connection(asyncio.Protocol):
 
     @classmethod
     async def open(
-        cls, address: RedisAddress, *, name: str | None = None, connect_timeout: float = 10.0
+        cls,
+        address: RedisAddress,
+        *,
+        name: str | None = None,
+        connect_timeout: float = 10.0,
+        on_lost: Callable[[Connection], None] | None = None,
     ) -> Connection:
         """Connect, log in and select the database; `ConnectionLost` if that fails."""
         loop = asyncio.get_running_loop()
+        conn: Connection | None = None
+        opened = False
         try:
             async with asyncio.timeout(connect_timeout):
                 if address.path:
@@ -188,12 +199,15 @@ class Connection(asyncio.Protocol):
                     )
                 for command in address.login_commands(name):
                     await conn.execute(*command)
-        except (OSError, TimeoutError, ssl.SSLError) as e:
+                conn.on_lost, opened = on_lost, True
+                return conn
+        except (OSError, TimeoutError, ssl.SSLError, ReplyError, ConnectionLost) as e:
+            if isinstance(e, ReplyError):
+                raise ConnectionLost(f"Redis at {address} refused the login: {e}") from e
             raise ConnectionLost(f"cannot connect to Redis at {address}: {e}") from e
-        except ReplyError as e:
-            conn.close()
-            raise ConnectionLost(f"Redis at {address} refused the login: {e}") from e
-        return conn
+        finally:
+            if conn is not None and not opened:  # the login failed, or was cancelled
+                conn.close()
 
     # *** asyncio.Protocol ***
 
@@ -233,17 +247,20 @@ class Connection(asyncio.Protocol):
             elif waiter is not None:
                 waiter(self._lost)
         self.closed.set()
+        if self.on_lost is not None:
+            self.on_lost(self)
 
     # *** commands ***
 
     @property
     def is_open(self) -> bool:
-        return self._transport is not None
+        """False from the moment `close()` is called or the connection is lost."""
+        return self._transport is not None and not self._transport.is_closing()
 
     def command(self, *args: Arg, waiter: Waiter = None) -> None:
-        """Queue a command; its reply goes to `waiter`."""
-        if self._transport is None:
-            lost = self._lost or ConnectionLost("connection to Redis is not open")
+        """Queue a command; its reply goes to `waiter` (at once if the connection is gone)."""
+        if not self.is_open:
+            lost = self._lost or ConnectionLost(f"connection {self.name or ''} to Redis is closed")
             if isinstance(waiter, asyncio.Future):
                 waiter.set_exception(lost)
             elif waiter is not None:
@@ -283,6 +300,7 @@ class SyncConnection:
 
     def __init__(self, address: RedisAddress, *, name: str | None = None, timeout: float = 5.0):
         self._reader = hiredis.Reader(replyError=ReplyError)
+        sock: socket.socket | None = None
         try:
             if address.path:
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -292,11 +310,17 @@ class SyncConnection:
                 sock = socket.create_connection((address.host, address.port), timeout=timeout)
                 if ctx := address.ssl_context():
                     sock = ctx.wrap_socket(sock, server_hostname=address.host)
-        except OSError as e:
+            self._sock = sock
+            for command in address.login_commands(name):
+                self.execute(*command)
+        except (OSError, TransportError) as e:
+            if sock is not None:
+                sock.close()
+            if isinstance(e, ReplyError):
+                raise ConnectionLost(f"Redis at {address} refused the login: {e}") from e
+            if isinstance(e, ConnectionLost):
+                raise
             raise ConnectionLost(f"cannot connect to Redis at {address}: {e}") from e
-        self._sock = sock
-        for command in address.login_commands(name):
-            self.execute(*command)
 
     def execute(self, *args: Arg) -> Any:
         try:

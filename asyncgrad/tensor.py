@@ -11,7 +11,7 @@ array([[2., 4.],
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -29,18 +29,20 @@ class Tensor:
     Tensors hash by identity, so they can key a dict (as gradients do).
     """
 
-    __slots__ = ("__weakref__", "data", "grad", "grad_fn", "requires_grad")
+    __slots__ = ("__weakref__", "data", "grad", "grad_fn", "output_nr", "requires_grad")
     __array_ufunc__ = None  # numpy defers to our reflected operators: array * tensor works
 
     data: Array
     grad: Array | None
     grad_fn: Node | None
+    output_nr: int  # which output of grad_fn this is (nodes with several: see graph.py)
     requires_grad: bool
 
     def __init__(self, data: Any, *, dtype: DTypeLike | None = None, requires_grad: bool = False):
         self.data = _as_array(data, dtype)
         self.grad = None
         self.grad_fn = None
+        self.output_nr = 0
         self.requires_grad = False
         if requires_grad:
             self.requires_grad_(True)
@@ -49,7 +51,15 @@ class Tensor:
     def _make(cls, data: Array, grad_fn: Node | None = None) -> Tensor:
         t = cls.__new__(cls)
         t.data, t.grad, t.grad_fn, t.requires_grad = data, None, grad_fn, grad_fn is not None
+        t.output_nr = 0
         return t
+
+    @property
+    def edge(self) -> Any:
+        """Where this tensor's gradient goes: its node (and output), itself if a leaf."""
+        if self.grad_fn is None:
+            return self if self.requires_grad else None
+        return self.grad_fn if not self.output_nr else (self.grad_fn, self.output_nr)
 
     def requires_grad_(self, requires_grad: bool = True) -> Tensor:
         """Start (or stop) recording ops on this leaf; returns self."""
@@ -259,7 +269,7 @@ def _apply(fn: ops.Function, *operands: Any, **consts: Any) -> Tensor:
     if is_grad_enabled() and any(t.requires_grad for t in inputs):
         fn.needs_input_grad = tuple(t.requires_grad for t in inputs)
         fn.input_meta = tuple((t.data.shape, t.data.dtype) for t in inputs)
-        fn.edges = tuple(t.grad_fn or (t if t.requires_grad else None) for t in inputs)
+        fn.edges = tuple(t.edge for t in inputs)
         return Tensor._make(fn.forward(*(t.data for t in inputs), **consts), fn)
     return Tensor._make(fn.forward(*(t.data for t in inputs), **consts))
 
@@ -274,7 +284,7 @@ def gradients(
 
     `grads[i]` is d loss / d roots[i]; `None` is allowed for a one-element root.
     """
-    seeds: list[tuple[Node | Hashable, Array]] = []
+    seeds: list[tuple[Any, Array]] = []
     for i, root in enumerate(roots):
         given = None if grads is None else grads[i]
         if not root.requires_grad:
@@ -294,7 +304,7 @@ def gradients(
                 raise RuntimeError(
                     f"gradient has shape {seed.shape}, but root {i} has shape {root.shape}"
                 )
-        seeds.append((root.grad_fn or root, seed))
+        seeds.append((root.edge, seed))
     return run_backward(seeds, retain_graph=retain_graph)  # type: ignore[return-value]
 
 

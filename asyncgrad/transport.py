@@ -10,13 +10,16 @@ messages sent to one inbox in one event-loop tick travel in one stream entry (fi
 `m` for a message's first frame, `f` for each further frame). An entry is acked and
 deleted once every message in it is `done`, so streams stay near empty. An entry that
 does not parse goes to a bounded dead-letter stream. After a reconnect the agent first
-re-reads its own pending entries (delivered but never acked); the layer above drops the
-duplicates. A thread refreshes the heartbeat key, so a busy event loop never looks dead.
+re-reads its own pending entries (delivered but never acked), except those it is still
+handling; a write lost with its connection is sent again, which may store a message
+twice: the layer above drops such duplicates. A thread refreshes the heartbeat key, so
+a busy event loop never looks dead.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
@@ -50,7 +53,10 @@ _NAME = re.compile(r"[A-Za-z0-9_.\-]{1,100}")
 _MAX_PER_ENTRY = 256
 _DEAD_LETTER_MAXLEN = 1000
 _DEAD_LETTER_FIELD_BYTES = 64 * 1024
+_DEAD_LETTER_NAME_BYTES = 256
+_DEAD_LETTER_FIELDS = 64
 _MAX_DELIVERIES = 3
+_FIRST_RETRY_DELAY = 0.05
 
 
 def check_name(kind: str, value: str) -> str:
@@ -151,13 +157,18 @@ class Transport:
         self._acks: list[bytes] = []
         self._backlog: list[tuple[tuple[Arg, ...], Callable[[Any], None] | None]] = []
         self._flush_handle: asyncio.Handle | None = None
-        self._closing = False
+        self._closing = False  # close() began: no new sends, no more reading
+        self._closed = False  # close() gave up on the writer: no more retries
         self._last_id = b"0"  # own pending entries first: delivered before, never acked
+        self._in_read = False  # handling a batch inside the reader's callback
+        # Entries delivered to the layer above and not yet done: a re-read of the pending
+        # entries after a reconnect must not hand them over (or ack them) a second time.
+        self._in_flight: set[bytes] = set()
         self._recovering: asyncio.Task[None] | None = None
         self._reconnecting: asyncio.Task[None] | None = None
         self._beat_stop = threading.Event()
         self._beat_thread: threading.Thread | None = None
-        self._written = itertools.count()
+        self._beat_done: asyncio.Future[None] | None = None
 
     # *** lifecycle ***
 
@@ -167,9 +178,16 @@ class Transport:
         self._reader = await self._connect("reader")
         await self._prepare(self._reader)
         beat = SyncConnection(self.address, name=self._client_name("heartbeat"))
-        self._beat(beat)
+        try:
+            self._beat(beat)
+        except TransportError:
+            beat.close()
+            raise
+        self._beat_done = asyncio.get_running_loop().create_future()
         self._beat_thread = threading.Thread(
-            target=self._beat_forever, args=(beat,), name=f"asyncgrad-heartbeat-{self.name}"
+            target=self._beat_forever,
+            args=(beat, self._beat_done),
+            name=f"asyncgrad-heartbeat-{self.name}",
         )
         self._beat_thread.daemon = True
         self._beat_thread.start()
@@ -197,34 +215,76 @@ class Transport:
         self._beat_stop.set()
         if self._reader is not None:
             self._reader.close()
-        for task in (self._recovering, self._reconnecting):
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-        writer = self._writer
-        if writer is not None and writer.is_open:
-            self._flush()
-            try:
-                async with asyncio.timeout(self.settings.connect_timeout):
-                    await writer.execute("DEL", heartbeat(self.namespace, self.name))
-                    await writer.execute("EVAL", _DROP_IF_EMPTY, 1, self._inbox)
-            except (TransportError, TimeoutError) as e:
-                logger.warning("event=close_cleanup_failed agent=%s error=%s", self.name, e)
-            writer.close()
-            await writer.closed.wait()
-        if self._beat_thread is not None:
-            await asyncio.to_thread(self._beat_thread.join, self.settings.connect_timeout)
+        if self._recovering is not None:
+            self._recovering.cancel()
+            await asyncio.gather(self._recovering, return_exceptions=True)
+        # The heartbeat stops before its key is deleted, so no late beat brings it back.
+        await self._stop_heartbeat()
+        if self._writer is not None:  # else it never connected: nothing to clean up
+            await self._clean_up()
+        self._closed = True
+        if self._reconnecting is not None:
+            self._reconnecting.cancel()
+            await asyncio.gather(self._reconnecting, return_exceptions=True)
+        # What still waits for a writer fails now, and the futures of its sends with it.
+        self._flush()
+        backlog, self._backlog = self._backlog, []
+        for _, on_reply in backlog:
+            if on_reply is not None:
+                on_reply(ConnectionLost("transport closed before Redis was reachable again"))
+        # A reconnect cancelled above may have opened a connection just before: close all.
+        for conn in (self._reader, self._writer):
+            if conn is not None:
+                conn.close()
+                await conn.closed.wait()
+
+    async def _clean_up(self) -> None:
+        """Acks, replies and the cleanup still leave if the writer is, or comes, back in time
+        (writes lost with a connection are resent until `_closed`).
+
+        In time: within the heartbeat's TTL, after which peers count this agent as gone and
+        have failed what waited for it anyway.
+        """
+        try:
+            async with asyncio.timeout(
+                min(self.settings.connect_timeout, self.settings.heartbeat_ttl)
+            ):
+                for attempt in itertools.count(1):
+                    try:
+                        writer = await self._ready_writer()
+                        self._flush()
+                        await writer.execute("DEL", heartbeat(self.namespace, self.name))
+                        await writer.execute("EVAL", _DROP_IF_EMPTY, 1, self._inbox)
+                        return
+                    except ConnectionLost:
+                        if attempt == 2:
+                            raise
+        except (TransportError, TimeoutError) as e:
+            error = str(e) or "Redis unreachable until the heartbeat's TTL ran out"
+            logger.warning("event=close_cleanup_failed agent=%s error=%s", self.name, error)
+
+    async def _stop_heartbeat(self) -> None:
+        thread, done = self._beat_thread, self._beat_done
+        if thread is None or done is None:
+            return
+        # The thread resolves `done` as its last step; joining it then returns at once.
+        await asyncio.wait({done}, timeout=self.settings.connect_timeout)
+        if done.done():
+            thread.join()
+        else:
+            logger.warning("event=heartbeat_stop_timeout agent=%s", self.name)
 
     # *** sending ***
 
     def send(self, dest: str, frames: list[bytes | memoryview]) -> asyncio.Future[None]:
         """Queue a message for `dest`'s inbox; the future resolves once Redis stored it.
 
-        It fails with `InboxMissing` if `dest` has no inbox (never started, or left), and
-        with `TransportError` if Redis is unreachable right now.
+        It fails with `InboxMissing` if `dest` has no inbox (never started, or left). While
+        the writer reconnects, the message waits and leaves once it is back (the layer above
+        bounds that wait with its timeouts); after `close()` it raises `TransportError`.
         """
-        if self._writer is None or not self._writer.is_open:
-            raise TransportError(f"Redis at {self.address} is unreachable (reconnecting)")
+        if self._closing:
+            raise TransportError(f"the transport of agent {self.name!r} is closed")
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._outbox.setdefault(dest, []).append((frames, future))
         self._schedule_flush()
@@ -235,22 +295,34 @@ class Transport:
         entry = message.entry
         entry.remaining -= 1
         if entry.remaining == 0:
+            self._in_flight.discard(entry.id)
             self._acks.append(entry.id)
             self._schedule_flush()
 
     def dead_letter(self, message: Inbound, reason: str) -> None:
         """Keep a message that could not be handled in the bounded dead-letter stream."""
-        self._dead_letter(message.entry.id, [b"f", *message.frames], reason)
+        fields = [b"m", message.frames[0]]
+        for frame in message.frames[1:]:
+            fields += [b"f", frame]
+        self._dead_letter(message.entry.id, fields, reason)
         self.done(message)
 
     def _dead_letter(self, entry_id: bytes, fields: list[bytes], reason: str) -> None:
+        self._write(self._dead_letter_command(entry_id, fields, reason), self._log_failure)
+
+    def _dead_letter_command(
+        self, entry_id: bytes, fields: list[bytes], reason: str
+    ) -> tuple[Arg, ...]:
+        """Fields keep their order as `orig-NAME VALUE`, each cut short, and at most 64."""
         logger.warning("event=dead_letter agent=%s entry=%s reason=%s", self.name, entry_id, reason)
+        pairs = len(fields) // 2
         kept: list[Arg] = []
-        for i in range(0, len(fields) - 1, 2):
-            kept += [b"orig-" + bytes(fields[i]), bytes(fields[i + 1][:_DEAD_LETTER_FIELD_BYTES])]
+        for i in range(0, 2 * min(pairs, _DEAD_LETTER_FIELDS), 2):
+            name, value = fields[i][:_DEAD_LETTER_NAME_BYTES], fields[i + 1]
+            kept += [b"orig-" + bytes(name), bytes(value[:_DEAD_LETTER_FIELD_BYTES])]
         key = dead_letters(self.namespace, self.name)
-        args = ("XADD", key, "MAXLEN", "~", _DEAD_LETTER_MAXLEN, "*", "reason", reason, "entry")
-        self._write((*args, entry_id, *kept), self._log_failure)
+        args = ("XADD", key, "MAXLEN", "~", _DEAD_LETTER_MAXLEN, "*", "reason", reason[:1024])
+        return (*args, "entry", entry_id, "fields", pairs, *kept)
 
     def _schedule_flush(self) -> None:
         if self._flush_handle is None:
@@ -272,7 +344,7 @@ class Transport:
             ids, self._acks = self._acks, []
             self._write(("XACK", self._inbox, GROUP, *ids), self._log_failure)
             self._write(("XDEL", self._inbox, *ids), self._log_failure)
-        if self._writer is not None:
+        if self._writer is not None and not self._in_read:
             self._writer.flush()
 
     def _stored(self, dest: str, futures: list[asyncio.Future[None]]) -> Callable[[Any], None]:
@@ -298,16 +370,19 @@ class Transport:
         """
 
         def retry_on_loss(reply: Any) -> None:
-            if isinstance(reply, ConnectionLost) and not self._closing:
-                self._backlog.append((args, retry_on_loss))
-                self._reconnect()
+            if isinstance(reply, ConnectionLost) and not self._closed:
+                self._write(args, on_reply)
             elif on_reply is not None:
                 on_reply(reply)
 
-        writer = self._writer
+        # While a batch just read is handled, the reader connection is idle until the next
+        # XREADGROUP: what the handlers send goes ahead of it, in the same write.
+        writer = self._reader if self._in_read else self._writer
+        if writer is None or not writer.is_open:
+            writer = self._writer
         if writer is not None and writer.is_open:
             writer.command(*args, waiter=retry_on_loss)
-        elif self._closing:
+        elif self._closed:
             retry_on_loss(ConnectionLost("transport closed"))
         else:
             self._backlog.append((args, retry_on_loss))
@@ -321,11 +396,11 @@ class Transport:
 
     async def execute(self, *args: Arg) -> Any:
         """One command on the writer connection (for liveness checks and the like)."""
-        return await self._require_writer().execute(*args)
+        return await (await self._ready_writer()).execute(*args)
 
     async def alive(self, names: Sequence[str]) -> list[bool]:
         """Whether each agent's heartbeat is current."""
-        writer = self._require_writer()
+        writer = await self._ready_writer()
         replies = [writer.execute("EXISTS", heartbeat(self.namespace, n)) for n in names]
         return [bool(r) for r in await asyncio.gather(*replies)]
 
@@ -335,7 +410,14 @@ class Transport:
         pairs = zip(flat[::2], flat[1::2], strict=True)
         return {k[2:].decode(): int(v) for k, v in pairs if k.startswith(b"n:")}
 
-    def _require_writer(self) -> Connection:
+    async def _ready_writer(self) -> Connection:
+        """The writer; while it reconnects, waits for it (up to `connect_timeout`)."""
+        if self._closed:
+            raise TransportError(f"the transport of agent {self.name!r} is closed")
+        if self._writer is None or not self._writer.is_open:
+            self._reconnect()
+            if (reconnecting := self._reconnecting) is not None:
+                await asyncio.wait({reconnecting}, timeout=self.settings.connect_timeout)
         if self._writer is None or not self._writer.is_open:
             raise TransportError(f"Redis at {self.address} is unreachable (reconnecting)")
         return self._writer
@@ -364,14 +446,20 @@ class Transport:
         entries = reply[0][1] if reply else []
         if self._last_id != b">":
             self._last_id = entries[-1][0] if entries else b">"
-        # Ask again first: what arrives meanwhile is already on its way when we are done.
-        self._read_next()
         if entries:
+            self._in_read = True
             try:
                 self._receive(entries)
+                # Replies and acks the batch produced leave with the next read: one write.
+                if self._flush_handle is not None:
+                    self._flush_handle.cancel()
+                self._flush()
             except Exception:
                 # The one place a failure to handle a batch ends: report it, keep serving.
                 logger.exception("event=receive_failed agent=%s", self.name)
+            finally:
+                self._in_read = False
+        self._read_next()
 
     def _recover(self, error: Exception) -> None:
         if self._closing or self._recovering is not None:
@@ -385,8 +473,10 @@ class Transport:
                 # NOGROUP: Redis lost the inbox (restarted without persistence). Anything
                 # else (LOADING, MISCONF, ...) is transient or needs an operator: retry.
                 logger.warning("event=read_failed agent=%s error=%s", self.name, error)
-                if error.code != "NOGROUP":
+                # UNBLOCKED: the inbox was deleted under a blocked read (Redis 7).
+                if error.code not in ("NOGROUP", "UNBLOCKED"):
                     await asyncio.sleep(self.settings.reconnect_max_delay)  # retry timer
+            delay = _FIRST_RETRY_DELAY
             while not self._closing:
                 reader = self._reader
                 if reader is None or not reader.is_open:
@@ -395,8 +485,14 @@ class Transport:
                     await self._prepare(reader)
                     break
                 except (ReplyError, ConnectionLost) as e:
-                    logger.warning("event=prepare_failed agent=%s error=%s", self.name, e)
+                    logger.warning(
+                        "event=prepare_failed agent=%s retry_in=%.2fs error=%s",
+                        self.name, delay, e,
+                    )  # fmt: skip
                     reader.close()
+                    # Backoff timer: a Redis that keeps refusing is not asked in a tight loop.
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, self.settings.reconnect_max_delay)
             logger.info("event=reader_recovered agent=%s id=%d", self.name, self.id)
         finally:
             self._recovering = None
@@ -406,6 +502,8 @@ class Transport:
     def _receive(self, entries: list[list[Any]]) -> None:
         batch: list[Inbound] = []
         for entry_id, fields in entries:
+            if entry_id in self._in_flight:
+                continue  # re-read after a reconnect while the layer above still handles it
             messages = _split(fields) if fields else None
             if messages is None:
                 if fields:  # a deleted entry still pending has no fields: just ack it
@@ -414,25 +512,34 @@ class Transport:
                 self._schedule_flush()
                 continue
             entry = _Entry(entry_id, len(messages))
+            self._in_flight.add(entry_id)
             batch += [Inbound(frames, entry) for frames in messages]
         if batch:
             self._deliver(batch)
 
     async def _reclaim(self, conn: Connection) -> None:
-        """Dead-letter own pending entries delivered too often (a message that crashes us)."""
+        """Dead-letter own pending entries delivered too often (a message that crashes us).
+
+        Entries this transport is still handling count as delivered once, however often a
+        reconnect re-read them.
+        """
         pending = await conn.execute("XPENDING", self._inbox, GROUP, "-", "+", 1000, self.name)
-        poisoned = [p[0] for p in pending if int(p[3]) >= _MAX_DELIVERIES]
+        poisoned = [
+            p[0] for p in pending if int(p[3]) >= _MAX_DELIVERIES and p[0] not in self._in_flight
+        ]
         for entry_id in poisoned:
             found = await conn.execute("XRANGE", self._inbox, entry_id, entry_id)
             fields = found[0][1] if found and found[0][1] else []
-            self._dead_letter(entry_id, fields, f"delivered {_MAX_DELIVERIES} times, never acked")
-            self._acks.append(entry_id)
+            reason = f"delivered {_MAX_DELIVERIES} times, never acked"
+            # Acked here, before the pending entries are read again, so none comes back.
+            await conn.execute(*self._dead_letter_command(entry_id, fields, reason))
+            await conn.execute("XACK", self._inbox, GROUP, entry_id)
+            await conn.execute("XDEL", self._inbox, entry_id)
         if pending:
             logger.info(
                 "event=reclaimed agent=%s pending=%d dead_lettered=%d",
                 self.name, len(pending), len(poisoned),
             )  # fmt: skip
-            self._schedule_flush()
 
     # *** connections ***
 
@@ -444,10 +551,16 @@ class Transport:
             self.address,
             name=self._client_name(role),
             connect_timeout=self.settings.connect_timeout,
+            on_lost=self._on_writer_lost if role == "writer" else None,
         )
 
+    def _on_writer_lost(self, conn: Connection) -> None:
+        # Reconnect at once, not at the next write: queries wait for the writer too.
+        if conn is self._writer:
+            self._reconnect()
+
     async def _connect_with_backoff(self, role: str) -> Connection:
-        delay = 0.05
+        delay = _FIRST_RETRY_DELAY
         for attempt in itertools.count(1):
             try:
                 return await self._connect(role)
@@ -462,18 +575,20 @@ class Transport:
         raise AssertionError("unreachable")
 
     def _reconnect(self) -> None:
-        if self._reconnecting is None and not self._closing:
+        if self._reconnecting is None and not self._closed:
             self._reconnecting = asyncio.get_running_loop().create_task(self._reconnect_writer())
 
     async def _reconnect_writer(self) -> None:
         try:
-            self._writer = await self._connect_with_backoff("writer")
+            writer = None
+            while writer is None or not writer.is_open:  # lost again before it was used
+                writer = self._writer = await self._connect_with_backoff("writer")
             logger.info(
                 "event=reconnected agent=%s role=writer resend=%d", self.name, len(self._backlog)
             )
             backlog, self._backlog = self._backlog, []
             for args, on_reply in backlog:
-                self._writer.command(*args, waiter=on_reply)
+                writer.command(*args, waiter=on_reply)
         finally:
             self._reconnecting = None
 
@@ -484,19 +599,32 @@ class Transport:
         value = f"id={self.id} pid={os.getpid()} host={socket.gethostname()} ttl_ms={ttl_ms}"
         conn.execute("SET", heartbeat(self.namespace, self.name), value, "PX", ttl_ms)
 
-    def _beat_forever(self, conn: SyncConnection | None) -> None:
-        while not self._beat_stop.wait(self.settings.heartbeat_interval):
-            try:
-                if conn is None:
-                    conn = SyncConnection(self.address, name=self._client_name("heartbeat"))
-                self._beat(conn)
-            except TransportError as e:
-                logger.warning("event=heartbeat_failed agent=%s error=%s", self.name, e)
-                if conn is not None:
-                    conn.close()
-                conn = None
-        if conn is not None:
-            conn.close()
+    def _beat_forever(self, conn: SyncConnection | None, done: asyncio.Future[None]) -> None:
+        loop = done.get_loop()
+        try:
+            while not self._beat_stop.wait(self.settings.heartbeat_interval):
+                try:
+                    if conn is None:
+                        conn = SyncConnection(self.address, name=self._client_name("heartbeat"))
+                        self._beat(conn)
+                        logger.info("event=reconnected agent=%s role=heartbeat", self.name)
+                    else:
+                        self._beat(conn)
+                except TransportError as e:
+                    logger.warning("event=heartbeat_failed agent=%s error=%s", self.name, e)
+                    if conn is not None:
+                        conn.close()
+                    conn = None
+            if conn is not None:
+                conn.close()
+        finally:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(_resolve, done)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _split(fields: list[bytes]) -> list[list[bytes]] | None:

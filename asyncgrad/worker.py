@@ -30,7 +30,10 @@ def import_modules(modules: Sequence[str]) -> None:
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     for module in modules:
-        importlib.import_module(module)
+        try:
+            importlib.import_module(module)
+        except Exception as e:  # whatever the module raised: say which module it was
+            raise ImportError(f"cannot import {module!r}: {type(e).__name__}: {e}") from e
         logger.info("event=imported module=%s", module)
 
 

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import os
 import select
 import signal
 import subprocess
 import sys
+import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import pytest
 import redis
+import redis.asyncio as aredis
 
 from asyncgrad.embedded import EmbeddedRedis
 from asyncgrad.rpc import Agent
@@ -31,7 +35,8 @@ def redis_url() -> Iterator[str]:
     if url := os.environ.get("ASYNCGRAD_TEST_REDIS_URL"):
         yield url
         return
-    with EmbeddedRedis() as server:
+    # $ASYNCGRAD_REDIS_SERVER picks the binary, as for `asyncgrad up` (e.g. another version).
+    with EmbeddedRedis(os.environ.get("ASYNCGRAD_REDIS_SERVER")) as server:
         yield server.url
 
 
@@ -179,3 +184,78 @@ def _live_children(parent: int) -> dict[int, str]:
         if int(ppid) == parent and state != "Z":
             children[int(stat.parent.name)] = cmdline.decode(errors="replace").strip()
     return children
+
+
+@pytest.fixture
+async def redis_client(redis_url: str) -> AsyncIterator[aredis.Redis]:
+    """An independent async client (redis-py) to look at and poke at Redis with."""
+    client = aredis.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+async def kill_clients(client: aredis.Redis, *names: str) -> int:
+    """CLIENT KILL every connection named one of `names` (see CLIENT LIST); how many died."""
+    killed = 0
+    for entry in await client.client_list():
+        if entry["name"] in names:
+            killed += int(await client.client_kill_filter(_id=entry["id"]))
+    return killed
+
+
+async def eventually(probe: Callable[[], Awaitable[bool]], what: str) -> None:
+    """Ask `probe` (a query to Redis) again until it holds; fail after DEADLINE s.
+
+    Each check is a round trip to Redis, which paces the loop: no sleep. The deadline is
+    checked between probes too, in case a client swallows the timeout's cancellation.
+    """
+    deadline = time.monotonic() + DEADLINE
+    while time.monotonic() < deadline:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(deadline - time.monotonic()):
+                if await probe():
+                    return
+    pytest.fail(f"not within {DEADLINE} s: {what}")
+
+
+class LogEvents(logging.Handler):
+    """The `asyncgrad` log lines so far, from any thread; `await wait(text)` for one more."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(logging.INFO)
+        self.loop = loop
+        self.lines: list[str] = []
+        self._changed = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(RuntimeError):  # the test's loop is closed: nobody waits
+            self.loop.call_soon_threadsafe(self._add, record.getMessage())
+
+    def _add(self, line: str) -> None:
+        self.lines.append(line)
+        self._changed.set()
+
+    def count(self, text: str) -> int:
+        return sum(text in line for line in self.lines)
+
+    async def wait(self, text: str, n: int = 1) -> None:
+        """Until `n` lines containing `text` were logged; fails after DEADLINE s."""
+        try:
+            async with asyncio.timeout(DEADLINE):
+                while self.count(text) < n:
+                    self._changed.clear()
+                    await self._changed.wait()
+        except TimeoutError:
+            pytest.fail(f"no {n} log lines with {text!r} within {DEADLINE} s: {self.lines}")
+
+
+@pytest.fixture
+async def log_events() -> AsyncIterator[LogEvents]:
+    """What asyncgrad logs at INFO and above during the test (lifecycle events)."""
+    logger = logging.getLogger("asyncgrad")
+    handler, level = LogEvents(asyncio.get_running_loop()), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(level)

@@ -19,12 +19,14 @@ def test_top_level_all() -> None:
             "TransportError",
             "WorkerUnavailable",
             "cat",
+            "dist_autograd",
             "is_grad_enabled",
             "nn",
             "no_grad",
             "ones",
             "optim",
             "randn",
+            "rpc",
             "stack",
             "tensor",
             "zeros",
@@ -39,8 +41,15 @@ def test_nn_and_optim_names() -> None:
         assert hasattr(ag.nn, name)
     for name in ["relu", "tanh", "sigmoid", "softmax", "log_softmax", "cross_entropy", "mse_loss"]:
         assert callable(getattr(ag.nn.functional, name))
-    for name in ["SGD", "Adam"]:
+    for name in ["SGD", "Adam", "DistributedOptimizer"]:
         assert hasattr(ag.optim, name)
+    for name in [
+        "Agent", "RRef", "WorkerInfo", "expose", "init", "current_agent",
+        "rpc_async", "remote", "get_worker_info", "shutdown",
+    ]:  # fmt: skip
+        assert hasattr(ag.rpc, name)
+    for name in ["context", "backward", "get_gradients"]:
+        assert callable(getattr(ag.dist_autograd, name))
 
 
 def test_exception_tree() -> None:

@@ -19,11 +19,17 @@ from typing import Any
 
 import numpy as np
 
-from asyncgrad.bench import local
+from asyncgrad.bench import autograd, local, rpc
+from asyncgrad.bench.options import Options
 
-Workload = Callable[[bool], dict[str, Any]]
+Workload = Callable[[Options], dict[str, Any]]
 
 WORKLOADS: dict[str, Workload] = {
+    "B1_latency": rpc.b1_latency,
+    "B2_throughput": rpc.b2_throughput,
+    "B3_bandwidth": rpc.b3_bandwidth,
+    "B4_dist_backward_chain": autograd.b4_dist_backward_chain,
+    "B5_param_server": autograd.b5_param_server,
     "B6_local_autograd": local.b6_local_autograd,
 }
 
@@ -42,14 +48,14 @@ def select(only: str | None) -> list[str]:
     return chosen
 
 
-def run(names: list[str], *, quick: bool = False, json_path: Path | None = None) -> bool:
+def run(names: list[str], options: Options, json_path: Path | None = None) -> bool:
     """Run the named workloads one after another; True when all succeeded."""
     results = []
     started = time.perf_counter()
     for name in names:
         t0 = time.perf_counter()
         try:
-            record: dict[str, Any] = {"name": name, "ok": True, **WORKLOADS[name](quick)}
+            record: dict[str, Any] = {"name": name, "ok": True, **WORKLOADS[name](options)}
         except Exception as e:
             record = {"name": name, "ok": False, "error": f"{type(e).__name__}: {e}"}
             record["traceback"] = traceback.format_exc()
@@ -59,7 +65,7 @@ def run(names: list[str], *, quick: bool = False, json_path: Path | None = None)
     if json_path is not None:
         doc = {
             "machine": machine_facts(),
-            "quick": quick,
+            "quick": options.quick,
             "argv": sys.argv,
             "total_wall_s": time.perf_counter() - started,
             "results": results,

@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 
 from asyncgrad import nn, optim
+from asyncgrad.bench.options import Options
+from asyncgrad.local_cluster import THREAD_VARS
 from asyncgrad.nn import functional as F
 from asyncgrad.tensor import tensor
-
-THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def make_mlp(seed: int = 0) -> nn.Sequential:
@@ -84,8 +84,8 @@ def _in_child(threads: int | None, quick: bool) -> dict[str, Any]:
     return result
 
 
-def b6_local_autograd(quick: bool) -> dict[str, Any]:
-    one, default = _in_child(1, quick), _in_child(None, quick)
+def b6_local_autograd(options: Options) -> dict[str, Any]:
+    one, default = _in_child(1, options.quick), _in_child(None, options.quick)
     return {
         "params": {
             "model": "Linear(784,256)-ReLU-Linear(256,10)",

@@ -85,13 +85,26 @@ class WorkerInfo:
 
 
 class AutogradSeam(Protocol):
-    """How distributed autograd sees RPC: tensors that require grad, on the way out and in."""
+    """How distributed autograd sees RPC: the seam between the two layers (DESIGN.md).
+
+    `outgoing` sees every call and reply about to leave with the tensors in it that
+    require grad, and returns the record to put in its header (None: nothing to record);
+    `incoming` sees each record that arrives (`call`: it runs in the call's own context);
+    `unsent` hears of a recorded call that never reached its callee; `handle` gets the
+    autograd message kinds.
+    """
 
     def outgoing(self, agent: Agent, dest: str, tensors: list[Tensor]) -> Any: ...
 
-    def incoming(self, agent: Agent, sender: str, record: Any, tensors: list[Tensor]) -> None: ...
+    def incoming(
+        self, agent: Agent, sender: str, record: Any, tensors: list[Tensor], call: bool
+    ) -> None: ...
+
+    def unsent(self, agent: Agent, dest: str, record: Any) -> None: ...
 
     def handle(self, agent: Agent, header: Header, payload: Any) -> None: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass(slots=True)
@@ -107,6 +120,8 @@ class Agent:
     `redis_url=None` means `$ASYNCGRAD_REDIS_URL`, else `redis://127.0.0.1:6379/0`.
     """
 
+    # Set by asyncgrad.dist_autograd on import; every agent then gets its own seam.
+    seam_factory: Callable[[Agent], AutogradSeam] | None = None
     seam: AutogradSeam | None = None
 
     def __init__(
@@ -156,7 +171,7 @@ class Agent:
         self._watcher: asyncio.Task[None] | None = None
         # Set only while one message is encoded or decoded (both synchronous).
         self._encoding_to = ""
-        self._forks: list[tuple[str, int, str]] = []
+        self._passing: list[tuple[str, int, str]] = []  # (owner, id, receiver) of RRefs
         self._tensors: list[Tensor] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._state = "new"
@@ -181,6 +196,8 @@ class Agent:
             raise RuntimeError(f"agent {self.name!r} was already started")
         self._loop = asyncio.get_running_loop()
         self._state = "running"
+        if self.seam_factory is not None:
+            self.seam = self.seam_factory(self)
         try:
             await self._transport.start()
         except BaseException:
@@ -213,8 +230,9 @@ class Agent:
 
     async def shutdown(self, graceful: bool = True) -> None:
         """Stop. Graceful: the calls being served and the calls made finish first (within
-        `rpc_timeout`); a non-graceful shutdown meanwhile cuts that wait short."""
-        if self._state == "closing":
+        `rpc_timeout`), calls that arrive meanwhile too; a non-graceful shutdown meanwhile
+        cuts that wait short. Calls still running then are cancelled."""
+        if self._state in ("draining", "closing"):
             if not graceful:
                 self._hurry.set()
             await self._closed.wait()
@@ -222,16 +240,19 @@ class Agent:
         if self._state != "running":
             self._state = "closed"
             return
-        self._state = "closing"
-        waits = [*self._tasks, *(p.future for p in self._pending.values())]
-        if graceful and waits:
-            drained = asyncio.ensure_future(asyncio.wait(waits))
+        # While draining, the agent still serves and calls: a call being served may need
+        # nested calls, or a reply task, to finish.
+        self._state = "draining"
+        if graceful:
+            drained = asyncio.ensure_future(self._drain())
             hurry = asyncio.ensure_future(self._hurry.wait())
             await asyncio.wait(
                 [drained, hurry], timeout=self.rpc_timeout, return_when=asyncio.FIRST_COMPLETED
             )
             drained.cancel()
             hurry.cancel()
+            await asyncio.gather(drained, hurry, return_exceptions=True)
+        self._state = "closing"
         for task in self._tasks:
             task.cancel()
         for pending in self._pending.values():
@@ -242,6 +263,8 @@ class Agent:
         if self._watcher is not None:
             self._watcher.cancel()
             await asyncio.gather(self._watcher, return_exceptions=True)
+        if self.seam is not None:
+            self.seam.close()
         await self._transport.close()
         self._state = "closed"
         self._closed.set()
@@ -249,14 +272,21 @@ class Agent:
             _process_default.remove(self)
         logger.info("event=agent_stopped agent=%s graceful=%s", self.name, graceful)
 
+    async def _drain(self) -> None:
+        """Until no call is being served or awaited, including those begun meanwhile."""
+        while waits := [
+            w for w in (*self._tasks, *(p.future for p in self._pending.values())) if not w.done()
+        ]:
+            await asyncio.wait(waits)
+
     def __del__(self) -> None:
-        if getattr(self, "_state", "closed") == "running":
+        if getattr(self, "_state", "closed") in ("running", "draining"):
             import warnings
 
             warnings.warn(f"agent {self.name!r} was never shut down", ResourceWarning, stacklevel=1)
 
     def _check_running(self) -> None:
-        if self._state != "running":
+        if self._state not in ("running", "draining"):
             raise RpcError(f"agent {self.name!r} is {self._state}, not running")
 
     # *** calling ***
@@ -299,10 +329,14 @@ class Agent:
 
     async def _call(self, to: str, call: Call, timeout: float | None) -> Any:
         self._check_running()
+        if call.kwargs is not None and not (
+            isinstance(call.kwargs, dict) and all(isinstance(k, str) for k in call.kwargs)
+        ):
+            raise TypeError(f"kwargs must be a dict with str keys, not {call.kwargs!r}")
         await self._ensure_alive(to)
         header_id = next(self._ids)
-        frames = self._encode(to, Kind.CALL, header_id, call.to_wire())
-        await self._announce_forks()
+        frames, record = self._encode(to, Kind.CALL, header_id, call.to_wire())
+        await self._announce_forks(self._take_passed())
         future = asyncio.get_running_loop().create_future()
         what = call.fn or f"rref {call.target}.{call.method or 'to_here'}"
         self._pending[header_id] = _Pending(future, to, what)
@@ -319,6 +353,11 @@ class Agent:
                 if deadline.expired():
                     raise RPCTimeout(f"{what} on {to!r} got no reply within {limit} s") from None
                 raise
+        except (WorkerUnavailable, RemoteError) as e:
+            never_arrived = isinstance(e, WorkerUnavailable) or e.remote_type == "CodecError"
+            if record is not None and self.seam is not None and never_arrived:
+                self.seam.unsent(self, to, record)
+            raise
         finally:
             self._pending.pop(header_id, None)
 
@@ -352,6 +391,10 @@ class Agent:
             )
         return WorkerInfo(name, agents[name])
 
+    async def alive(self, names: list[str]) -> list[bool]:
+        """Whether each named agent's heartbeat is current."""
+        return await self._transport.alive(names)
+
     async def workers(self) -> list[WorkerInfo]:
         """Every live agent of the namespace, this one included, by id."""
         agents = await self._transport.agents()
@@ -363,9 +406,11 @@ class Agent:
 
     def _encode(
         self, dest: str, kind: Kind, message_id: int, payload: Any, reply_to: int = 0
-    ) -> list[Any]:
-        """The frames of one message to `dest`; records its tensors if autograd asks to."""
-        self._encoding_to, self._tensors = dest, []
+    ) -> tuple[list[Any], Any]:
+        """The frames of one message to `dest`, and autograd's record of it (or None)."""
+        # `_passing` starts empty: the RRefs of a message that failed to encode (and so is
+        # never sent) are never counted.
+        self._encoding_to, self._tensors, self._passing = dest, [], []
         try:
             body = self._codec.encode_frames(payload)
             tensors = self._tensors
@@ -375,7 +420,7 @@ class Agent:
         if self.seam is not None and kind in (Kind.CALL, Kind.REPLY):
             context = self.seam.outgoing(self, dest, tensors)
         header = Header(kind, message_id, self.name, reply_to, context)
-        return [self._header_codec.encode(header.to_wire()), *body]
+        return [self._header_codec.encode(header.to_wire()), *body], context
 
     def _tensor_to_wire(self, t: Tensor) -> tuple[Any, bool]:
         if t.requires_grad:
@@ -393,10 +438,8 @@ class Agent:
         return t
 
     def _rref_to_wire(self, rref: RRef[Any]) -> tuple[str, int]:
-        if rref.owner == self.name:
-            self._rrefs.add(rref.id, self._encoding_to, +1)
-        else:
-            self._forks.append((rref.owner, rref.id, self._encoding_to))
+        # Counted by `_take_passed` once the whole message has encoded.
+        self._passing.append((rref.owner, rref.id, self._encoding_to))
         return (rref.owner, rref.id)
 
     def _rref_from_wire(self, wire: Any) -> RRef[Any]:
@@ -404,12 +447,50 @@ class Agent:
             raise MessageError("an rref is (owner, id)")
         return RRef._held(self, wire[0], wire[1])
 
-    async def _announce_forks(self) -> None:
-        """Tell owners about RRefs we pass on, and wait until Redis has stored it."""
-        forks, self._forks = self._forks, []
+    def _take_passed(self) -> list[tuple[str, int, str]]:
+        """The RRefs (owner, id, receiver) of the message just encoded, taken before any
+        other message is: those owned here are counted for the receiver at once, while
+        the local reference that may be the last one is still alive."""
+        passed, self._passing = self._passing, []
+        for owner, rref_id, holder in passed:
+            if owner == self.name:
+                self._rrefs.add(rref_id, holder, +1)
+                if holder != self.name:
+                    self._watch_wanted.set()  # so a holder that dies unannounced is noticed
+        return passed
+
+    async def _announce_forks(self, passed: list[tuple[str, int, str]]) -> None:
+        """Tell the owners of the RRefs passed on, and wait until Redis has stored it (so
+        the receiver's release can never overtake it). If an owner cannot be told, or the
+        caller is cancelled meanwhile, the message must not leave: every count added for
+        it is taken back."""
+        forks = [(owner, i, holder) for owner, i, holder in passed if owner != self.name]
+        if not forks:
+            return
         stored = [self._send_updates(owner, [(i, holder, +1)]) for owner, i, holder in forks]
-        if stored:
-            await asyncio.gather(*stored)
+        try:
+            errors = await asyncio.gather(*stored, return_exceptions=True)
+            failed = next((e for e in errors if e is not None), None)
+            if isinstance(failed, InboxMissing):
+                raise WorkerUnavailable(f"an RRef passed on is owned by a gone worker: {failed}")
+            if failed is not None:
+                raise failed
+        except (Exception, asyncio.CancelledError):
+            self._take_back(passed)
+            raise
+
+    def _take_back(self, passed: list[tuple[str, int, str]]) -> None:
+        """Undo the counts of a message that will not be sent. Each -1 to an owner is
+        sent after its +1, in order, so it cannot overtake it (and one whose +1 failed
+        fails the same way)."""
+        for owner, rref_id, holder in passed:
+            if owner == self.name:
+                self._rrefs.add(rref_id, holder, -1)
+                continue
+            try:
+                self._send_updates(owner, [(rref_id, holder, -1)]).add_done_callback(_log_unsent)
+            except TransportError as e:  # Redis is gone: the count stays until holder leaves
+                logger.warning("event=take_back_failed owner=%s error=%s", owner, e)
 
     def _send_updates(
         self, owner: str, updates: list[tuple[int, str, int]]
@@ -418,9 +499,9 @@ class Agent:
 
     def send(self, dest: str, kind: Kind, payload: Any, reply_to: int = 0) -> asyncio.Future[None]:
         """Post a one-way message (how the autograd seam talks); RRefs in it are not allowed."""
-        frames = self._encode(dest, kind, next(self._ids), payload, reply_to)
-        if self._forks:
-            self._forks = []
+        frames, _ = self._encode(dest, kind, next(self._ids), payload, reply_to)
+        if self._passing:
+            self._passing = []
             raise TypeError("RRefs cannot travel in one-way messages")
         return self._transport.send(dest, frames)
 
@@ -452,7 +533,16 @@ class Agent:
             self._tensors = []
 
     def _on_call(self, header: Header, message: Inbound) -> None:
-        context = contextvars.copy_context()
+        if self._state == "closing":
+            # Past the drain nothing new is served: the caller learns that this agent is
+            # gone as for any agent that stops, by its heartbeat.
+            logger.debug("event=call_dropped agent=%s caller=%s", self.name, header.sender)
+            self._transport.done(message)
+            return
+        # A fresh context, not a copy of the reader's: a call must not inherit what was
+        # set where the agent started (a `no_grad` block, another agent, an autograd
+        # context), only that this agent is the one serving it.
+        context = contextvars.Context()
         context.run(_current.set, self)
         try:
             payload, tensors = self._decode(message)
@@ -463,7 +553,7 @@ class Agent:
             return
         try:
             if header.context is not None and self.seam is not None:
-                context.run(self.seam.incoming, self, header.sender, header.context, tensors)
+                context.run(self.seam.incoming, self, header.sender, header.context, tensors, True)
             fn = self._resolve(call)
             result = context.run(fn, *call.args, **(call.kwargs or {}))
         except Exception as e:
@@ -517,21 +607,31 @@ class Agent:
         self._reply(header, Reply(error=(type(error).__name__, str(error), tb)))
 
     def _reply(self, header: Header, reply: Reply) -> None:
-        frames = self._encode(
+        frames, _ = self._encode(
             header.sender, Kind.REPLY, next(self._ids), reply.to_wire(), header.id
         )
-        if not self._forks:
+        passed = self._take_passed()
+        if all(owner == self.name for owner, _, _ in passed):
             self._transport.send(header.sender, frames).add_done_callback(_log_unsent)
             return
         # The result passes on RRefs owned elsewhere: their owners must count the caller
         # before the caller can release them.
-        task = asyncio.get_running_loop().create_task(self._send_after_forks(header.sender, frames))
+        task = asyncio.get_running_loop().create_task(
+            self._send_after_forks(header, passed, frames)
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _send_after_forks(self, dest: str, frames: list[Any]) -> None:
-        await self._announce_forks()
-        self._transport.send(dest, frames).add_done_callback(_log_unsent)
+    async def _send_after_forks(
+        self, header: Header, passed: list[tuple[str, int, str]], frames: list[Any]
+    ) -> None:
+        try:
+            await self._announce_forks(passed)
+        except (RpcError, TransportError) as e:
+            # The result cannot leave; the caller hears why instead of waiting in vain.
+            self._reply(header, Reply(error=(type(e).__name__, str(e), "")))
+            return
+        self._transport.send(header.sender, frames).add_done_callback(_log_unsent)
 
     def _on_reply(self, header: Header, message: Inbound) -> None:
         try:
@@ -545,7 +645,7 @@ class Agent:
             return
         self._transport.done(message)
         if header.context is not None and self.seam is not None:
-            self.seam.incoming(self, header.sender, header.context, tensors)
+            self.seam.incoming(self, header.sender, header.context, tensors, False)
         pending = self._pending.get(header.reply_to)
         if pending is None:
             logger.debug("event=late_reply call=%d from=%s", header.reply_to, header.sender)
@@ -606,7 +706,7 @@ class Agent:
             self._rrefs.add(rref_id, self.name, -1)
             return
         self._held_from[owner] -= 1
-        if self._state != "running":
+        if self._state not in ("running", "draining"):
             return
         queued = self._releases.setdefault(owner, [])
         queued.append((rref_id, self.name, -1))
@@ -615,11 +715,14 @@ class Agent:
 
     def _flush_releases(self, owner: str) -> None:
         updates = self._releases.pop(owner, [])
-        if updates and self._state == "running":
+        if updates and self._state in ("running", "draining"):
             self._send_updates(owner, updates).add_done_callback(_log_unsent)
 
     def _announce_leaving(self) -> None:
-        for owner in [o for o, n in self._held_from.items() if n > 0 and o != self.name]:
+        # Releases still queued need not go: leaving drops all of this agent's counts.
+        owners = {o for o, n in self._held_from.items() if n > 0} | set(self._releases)
+        self._releases.clear()
+        for owner in sorted(owners - {self.name}):
             try:
                 self.send(owner, Kind.LEAVING, {}).add_done_callback(_log_unsent)
             except TransportError as e:  # Redis is gone: the owner's liveness check frees them
@@ -667,8 +770,11 @@ def _fail(future: asyncio.Future[Any], error: BaseException) -> None:
 
 
 def _log_unsent(stored: asyncio.Future[None]) -> None:
-    if not stored.cancelled() and stored.exception() is not None:
-        logger.warning("event=send_failed error=%s", stored.exception())
+    if stored.cancelled() or (error := stored.exception()) is None:
+        return
+    # A receiver that left needs no reply, release or notice: expected, so not a warning.
+    level = logging.DEBUG if isinstance(error, InboxMissing) else logging.WARNING
+    logger.log(level, "event=send_failed error=%s", error)
 
 
 def _parameter_type() -> type:

@@ -52,7 +52,9 @@ def name_of(fn: Any) -> str:
     """The wire name for `fn`: a name as given, an exposed object's name, or module:qualname."""
     if isinstance(fn, str):
         return fn
-    exposed = getattr(fn, _ATTR, None)
+    # Its own attribute only: a subclass of an exposed class inherits the attribute but
+    # is not exposed, and must not be called as its base.
+    exposed = getattr(fn, "__dict__", {}).get(_ATTR)
     if isinstance(exposed, str):
         return exposed
     module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)

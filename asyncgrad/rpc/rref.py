@@ -4,9 +4,10 @@ Counting: the owner keeps, per value, a count per holder. Every RRef object anyw
 one count, under its own agent's name. Whoever puts an RRef in a message adds a count for
 the receiver *before* the message leaves: the owner directly, anyone else by an update
 to the owner that Redis has stored first (so the receiver's later release can never
-overtake it). An RRef object released (garbage-collected) takes its count away. The
-owner frees a value when its counts sum to zero, and drops the counts of a holder that
-left or stopped heartbeating.
+overtake it); a message that never leaves (it did not encode, its sender was cancelled,
+an owner could not be told) takes its counts back. An RRef object released
+(garbage-collected) takes its count away. The owner frees a value when its counts sum to
+zero, and drops the counts of a holder that left or stopped heartbeating.
 """
 
 from __future__ import annotations
@@ -148,6 +149,16 @@ class RRef(Generic[T]):
 
     def __repr__(self) -> str:
         return f"RRef(owner={self.owner!r}, id={self.id}, held_by={self._agent.name!r})"
+
+    # A copy would be a second object releasing the one count this object holds.
+    def __copy__(self) -> RRef[T]:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> RRef[T]:
+        return self
+
+    def __reduce__(self) -> Any:
+        raise TypeError("an RRef cannot be pickled: pass it as an RPC argument or result")
 
     def __del__(self) -> None:
         if not getattr(self, "_released", True):

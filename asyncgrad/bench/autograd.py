@@ -1,0 +1,146 @@
+"""B4 (a distributed backward through a chain of four workers) and B5 (a parameter server
+with two concurrent trainers), as BENCH.md defines them."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+
+from asyncgrad import dist_autograd
+from asyncgrad.bench.options import Options
+from asyncgrad.local_cluster import LocalCluster
+from asyncgrad.rpc import Agent
+from asyncgrad.tensor import Tensor, tensor
+from asyncgrad.worker import run_loop
+
+__all__ = ["b4_dist_backward_chain", "b5_param_server"]
+
+
+def _scale(n: int, quick: bool, minimum: int = 1) -> int:
+    return max(minimum, n // 10) if quick else n
+
+
+def _job(options: Options, workers: dict[str, list[str]], body: Any) -> dict[str, Any]:
+    with LocalCluster(workers, options.redis_url, options.namespace) as cluster:
+
+        async def main() -> dict[str, Any]:
+            async with Agent("driver", cluster.redis_url, cluster.namespace) as agent:
+                result: dict[str, Any] = await body(agent)
+                return result
+
+        result: dict[str, Any] = run_loop(main())
+        return result
+
+
+def b4_dist_backward_chain(options: Options) -> dict[str, Any]:
+    warmup, timed = _scale(10, options.quick), _scale(50, options.quick)
+    names = [f"worker{i}" for i in range(1, 5)]
+    x = tensor(np.random.default_rng(0).standard_normal((64, 512), dtype=np.float32))
+
+    async def body(agent: Agent) -> dict[str, Any]:
+        stages = [
+            await agent.remote(name, "pipeline.Stage", args=(512, 512, 1000 + i))
+            for i, name in enumerate(names, start=1)
+        ]
+
+        async def step() -> tuple[float, list[float]]:
+            async with dist_autograd.context() as ctx:
+                h = x
+                for stage in stages:
+                    h = await stage.rpc_async().forward(h)
+                loss = h.sum()
+                await dist_autograd.backward(ctx, [loss])
+                norms = [await stage.rpc_async().grad_norm(ctx) for stage in stages]
+            return loss.item(), norms
+
+        for _ in range(warmup):
+            await step()
+        times = []
+        started = time.perf_counter_ns()
+        for _ in range(timed):
+            t0 = time.perf_counter_ns()
+            loss, norms = await step()
+            times.append(time.perf_counter_ns() - t0)
+        total = (time.perf_counter_ns() - started) / 1e9
+        weights = [await stage.rpc_async().weight_data() for stage in stages]
+        reference = _local_norms(x, weights)
+        ms = sorted(t / 1e6 for t in times)
+        return {
+            "params": {
+                "workers": 4,
+                "W": "512x512 f32",
+                "x": "64x512 f32",
+                "warmup_steps": warmup,
+                "timed_steps": timed,
+            },
+            "figures": {
+                "steps_per_s": timed / total,
+                "median_ms_per_step": float(np.percentile(ms, 50)),
+                "p90_ms_per_step": float(np.percentile(ms, 90)),
+                "loss": loss,
+                "grad_norms": norms,
+                "grad_norm_max_rel_err_vs_local": max(
+                    abs(a - b) / max(abs(b), 1e-12) for a, b in zip(norms, reference, strict=True)
+                ),
+            },
+        }
+
+    return _job(options, {name: ["workers.pipeline"] for name in names}, body)
+
+
+def _local_norms(x: Tensor, weights: list[np.ndarray]) -> list[float]:
+    ws = [tensor(w, requires_grad=True) for w in weights]
+    h = x
+    for w in ws:
+        h = (h @ w).tanh()
+    h.sum().backward()
+    return [float(np.linalg.norm(w.grad)) if w.grad is not None else 0.0 for w in ws]
+
+
+def b5_param_server(options: Options) -> dict[str, Any]:
+    steps, lr = _scale(200, options.quick, 20), 0.05
+    trainers = ["trainer1", "trainer2"]
+
+    async def body(agent: Agent) -> dict[str, Any]:
+        ps = await agent.remote("ps", "ps.ParameterServer", args=((784, 256, 10), 0))
+        started = time.perf_counter()
+        runs = [
+            agent.rpc_async(t, "demo.train", args=(ps, 100 + i, steps, lr, None), timeout=600)
+            for i, t in enumerate(trainers)
+        ]
+        results: list[dict[str, list[float]]] = await asyncio.gather(*runs)
+        wall = time.perf_counter() - started
+        figures: dict[str, Any] = {
+            "total_steps_per_s": len(trainers) * steps / wall,
+            "wall_s": wall,
+        }
+        fell = True
+        for name, result in zip(trainers, results, strict=True):
+            losses, step_ms = result["losses"], result["step_ms"]
+            first, last = float(np.mean(losses[:10])), float(np.mean(losses[-10:]))
+            figures[f"{name}_first10_loss"] = first
+            figures[f"{name}_last10_loss"] = last
+            figures[f"{name}_median_ms_per_step"] = statistics.median(step_ms)
+            figures[f"{name}_steps_per_s"] = steps / (sum(step_ms) / 1000)
+            fell = fell and last < first
+        steady = sum(sum(r["step_ms"][10:]) for r in results) / len(results) / 1000
+        figures["total_steps_per_s_excl_first10"] = len(trainers) * (steps - 10) / steady
+        figures["loss_fell"] = fell
+        return {
+            "params": {
+                "roles": "driver(coord only), ps, trainer1, trainer2",
+                "model": "Linear(784,256)-ReLU-Linear(256,10) on ps",
+                "batch": 64,
+                "steps_per_trainer": steps,
+                "optimizer": f"DistributedOptimizer(SGD lr={lr})",
+                "concurrent_trainers": 2,
+            },
+            "figures": figures,
+        }
+
+    workers = {"ps": ["workers.param_server"], **{t: ["workers.demo"] for t in trainers}}
+    return _job(options, workers, body)

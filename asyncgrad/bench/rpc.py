@@ -1,0 +1,143 @@
+"""B1-B3: RPC latency, throughput and bandwidth against one echo worker (BENCH.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+
+from asyncgrad.bench.options import Options
+from asyncgrad.local_cluster import LocalCluster
+from asyncgrad.rpc import Agent
+from asyncgrad.tensor import Tensor, tensor
+from asyncgrad.worker import run_loop
+
+__all__ = ["b1_latency", "b2_throughput", "b3_bandwidth"]
+
+ECHO = {"worker1": ["workers.echo"]}
+
+
+def _scale(n: int, quick: bool, minimum: int = 1) -> int:
+    return max(minimum, n // 10) if quick else n
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(sorted_values), q))
+
+
+def _drive(options: Options, body: Any) -> dict[str, Any]:
+    """Run `body(agent)` on a driver agent against a fresh echo worker."""
+    with LocalCluster(ECHO, options.redis_url, options.namespace) as cluster:
+
+        async def main() -> dict[str, Any]:
+            async with Agent("driver", cluster.redis_url, cluster.namespace) as agent:
+                result: dict[str, Any] = await body(agent)
+                return result
+
+        result: dict[str, Any] = run_loop(main())
+        return result
+
+
+def b1_latency(options: Options) -> dict[str, Any]:
+    calls, warmup = _scale(5000, options.quick), _scale(200, options.quick)
+    x = tensor(np.arange(16, dtype=np.float32))
+
+    async def body(agent: Agent) -> dict[str, Any]:
+        for _ in range(warmup):
+            await agent.rpc_async("worker1", "echo", args=(x,))
+        latencies = []
+        clock = time.perf_counter_ns
+        for _ in range(calls):
+            t0 = clock()
+            out = await agent.rpc_async("worker1", "echo", args=(x,))
+            latencies.append(clock() - t0)
+        assert np.array_equal(out.data, x.data)
+        us = sorted(v / 1000 for v in latencies)
+        return {
+            "params": {
+                "calls": calls,
+                "warmup": warmup,
+                "tensor": "float32[16]",
+                "target": "worker1",
+            },
+            "figures": {
+                "median_us": _percentile(us, 50),
+                "p90_us": _percentile(us, 90),
+                "p99_us": _percentile(us, 99),
+                "mean_us": statistics.fmean(us),
+                "min_us": us[0],
+            },
+        }
+
+    return _drive(options, body)
+
+
+def b2_throughput(options: Options) -> dict[str, Any]:
+    calls, window, warmup = _scale(20000, options.quick), 256, _scale(1000, options.quick)
+    x = tensor(np.arange(16, dtype=np.float32))
+
+    async def run(agent: Agent, count: int) -> None:
+        inflight: collections.deque[asyncio.Future[Any]] = collections.deque()
+        for _ in range(count):
+            if len(inflight) >= window:
+                await inflight.popleft()
+            inflight.append(asyncio.ensure_future(agent.rpc_async("worker1", "echo", args=(x,))))
+        while inflight:
+            await inflight.popleft()
+
+    async def body(agent: Agent) -> dict[str, Any]:
+        await run(agent, warmup)
+        t0 = time.perf_counter()
+        await run(agent, calls)
+        elapsed = time.perf_counter() - t0
+        return {
+            "params": {
+                "calls": calls,
+                "max_in_flight": window,
+                "warmup_calls": warmup,
+                "tensor": "float32[16]",
+                "window": "sliding: when 256 outstanding, wait on the oldest",
+            },
+            "figures": {"calls_per_s": calls / elapsed, "elapsed_s": elapsed},
+        }
+
+    return _drive(options, body)
+
+
+def b3_bandwidth(options: Options) -> dict[str, Any]:
+    sizes = (
+        ("1MiB", 1 << 20, _scale(20, options.quick, 2)),
+        ("64MiB", 64 << 20, _scale(5, options.quick, 1)),
+    )
+
+    async def body(agent: Agent) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "params": {
+                "sizes": {},
+                "GB": "1e9 bytes; GB/s = 2*size*reps/total_time",
+                "warmup_reps": 1,
+            },
+            "figures": {},
+        }
+        rng = np.random.default_rng(0)
+        for label, nbytes, reps in sizes:
+            t = tensor(rng.standard_normal(nbytes // 4, dtype=np.float32))
+            echoed: Tensor = await agent.rpc_async("worker1", "echo", args=(t,))  # warm-up
+            per = []
+            t_all = time.perf_counter_ns()
+            for _ in range(reps):
+                t0 = time.perf_counter_ns()
+                echoed = await agent.rpc_async("worker1", "echo", args=(t,))
+                per.append(time.perf_counter_ns() - t0)
+            total = (time.perf_counter_ns() - t_all) / 1e9
+            assert np.array_equal(echoed.data, t.data)
+            out["params"]["sizes"][label] = {"bytes": nbytes, "reps": reps}
+            out["figures"][f"GBps_{label}"] = 2 * nbytes * reps / total / 1e9
+            out["figures"][f"median_ms_per_echo_{label}"] = statistics.median(per) / 1e6
+        return out
+
+    return _drive(options, body)

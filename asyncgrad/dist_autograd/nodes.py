@@ -1,0 +1,71 @@
+"""The two ends of an autograd edge that crosses the network.
+
+`SendRpcBackward` sits on the sender, over the tensors a message carried: the gradient
+message that comes back for it is its input. `RecvRpcBackward` sits on the receiver, as
+the `grad_fn` of the tensors it received (output `i` for tensor `i`): its backward only
+hands the gradients to the pass, which ships them to the sender.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from asyncgrad.graph import Array, Node
+from asyncgrad.tensor import Tensor
+
+__all__ = ["RecvRpcBackward", "SendRpcBackward"]
+
+Shipper = Callable[["RecvRpcBackward", list[Array | None] | None], None]
+
+
+class SendRpcBackward(Node):
+    """The sender's record of message `message_id` to `peer`; its edges lead to the tensors."""
+
+    def __init__(self, peer: str, message_id: int, tensors: Sequence[Tensor]) -> None:
+        self.peer, self.message_id = peer, message_id
+        self.edges = tuple(t.edge for t in tensors)
+        self.meta = tuple((t.shape, t.dtype) for t in tensors)
+
+    def backward_edges(self, grad: Any) -> Sequence[Array | None]:
+        grads: list[Array | None] = grad
+        return grads
+
+    def check(self, grads: Any) -> list[Array | None]:
+        """The gradients a peer sent, if they fit this message's tensors; else ValueError."""
+        if not isinstance(grads, tuple | list) or len(grads) != len(self.meta):
+            raise ValueError(f"{self.name}: expected {len(self.meta)} gradients")
+        checked: list[Array | None] = []
+        for g, (shape, dtype) in zip(grads, self.meta, strict=True):
+            if g is not None and (not isinstance(g, np.ndarray) or g.shape != shape):
+                raise ValueError(f"{self.name}: a gradient does not match shape {shape}")
+            checked.append(None if g is None else g.astype(dtype, copy=False))
+        return checked
+
+    def release(self) -> None:
+        self.released = True
+
+
+class RecvRpcBackward(Node):
+    """The receiver's record of message `message_id` from `peer`, shared by its tensors."""
+
+    ship: Shipper | None = None  # set by the pass that is running
+
+    def __init__(self, peer: str, message_id: int, count: int) -> None:
+        self.peer, self.message_id = peer, message_id
+        self.num_outputs = count
+
+    def backward_edges(self, grad: Any) -> Sequence[Array | None]:
+        assert self.ship is not None, "a RecvRpcBackward runs only inside a distributed pass"
+        # The engine hands a one-output node its gradient, a several-output one a list.
+        self.ship(self, [grad] if self.num_outputs == 1 else list(grad))
+        return ()
+
+    def no_gradient(self) -> None:
+        assert self.ship is not None, "a RecvRpcBackward runs only inside a distributed pass"
+        self.ship(self, None)
+
+    def release(self) -> None:
+        self.released = True

@@ -1,0 +1,122 @@
+"""Worker processes on this machine, with a Redis of their own if none is given.
+
+Used by `asyncgrad demo`, `asyncgrad run --spawn` and the benchmarks. Nothing outlives it:
+workers get SIGTERM (and drain) when it closes, also on an error or Ctrl-C, and the kernel
+kills them if this process dies without closing (PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from asyncgrad.embedded import EmbeddedRedis, die_with_parent
+
+__all__ = ["THREAD_VARS", "LocalCluster", "WorkerStartFailed", "one_thread_env"]
+
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+_READY = b"event=worker_serving"
+
+logger = logging.getLogger(__name__)
+
+
+class WorkerStartFailed(RuntimeError):
+    """A worker process exited, or did not serve within the deadline."""
+
+
+def one_thread_env() -> dict[str, str]:
+    """The environment for a process that computes on one thread (BENCH.md's rule)."""
+    return {**os.environ, **dict.fromkeys(THREAD_VARS, "1"), "PYTHONUNBUFFERED": "1"}
+
+
+@dataclass
+class LocalCluster:
+    """`asyncgrad worker NAME --import MODULE...` for each `workers` entry, on `redis_url`.
+
+    `redis_url=None` starts an embedded Redis. Entering returns once every worker serves.
+    """
+
+    workers: Mapping[str, Sequence[str]]
+    redis_url: str | None = None
+    namespace: str = field(default_factory=lambda: "local-" + uuid.uuid4().hex[:8])
+    ready_timeout: float = 60.0
+    one_thread: bool = True
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    _stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+
+    def __enter__(self) -> LocalCluster:
+        try:
+            if self.redis_url is None:
+                server = EmbeddedRedis(os.environ.get("ASYNCGRAD_REDIS_SERVER"))
+                self.redis_url = self._stack.enter_context(server).url
+            self._stack.callback(self._stop_workers)
+            for name, modules in self.workers.items():
+                self.processes[name] = self._spawn(name, modules)
+            deadline = time.monotonic() + self.ready_timeout
+            for name, process in self.processes.items():
+                _wait_ready(name, process, deadline)
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def _spawn(self, name: str, modules: Sequence[str]) -> subprocess.Popen[bytes]:
+        assert self.redis_url is not None
+        argv = [sys.executable, "-m", "asyncgrad", "worker", name, "--redis", self.redis_url]
+        argv += ["--namespace", self.namespace]
+        for module in modules:
+            argv += ["--import", module]
+        env = one_thread_env() if self.one_thread else {**os.environ, "PYTHONUNBUFFERED": "1"}
+        return subprocess.Popen(
+            argv, stderr=subprocess.PIPE, env=env, preexec_fn=die_with_parent(signal.SIGTERM)
+        )
+
+    def _stop_workers(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes.values():
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            if process.stderr is not None:
+                process.stderr.close()
+
+
+def _wait_ready(name: str, process: subprocess.Popen[bytes], deadline: float) -> None:
+    """Read the worker's log until it serves; then keep draining it so it never blocks."""
+    assert process.stderr is not None
+    fd, seen = process.stderr.fileno(), b""
+    while _READY not in seen:
+        ready, _, _ = select.select([fd], [], [], max(deadline - time.monotonic(), 0))
+        chunk = os.read(fd, 65536) if ready else b""
+        if not chunk:
+            code = process.poll()
+            tail = seen.decode(errors="replace").strip().splitlines()[-3:]
+            why = f"exited with code {code}" if code is not None else "did not serve in time"
+            raise WorkerStartFailed(f"worker {name!r} {why}: " + " | ".join(tail))
+        seen = seen[-4096:] + chunk
+    stream = process.stderr
+
+    def forward() -> None:
+        # A full pipe would block the worker: keep reading, into our log (visible with -v).
+        with contextlib.suppress(ValueError, OSError):  # the pipe closes at teardown
+            for line in stream:
+                logger.debug("worker=%s %s", name, line.decode(errors="replace").rstrip())
+
+    threading.Thread(target=forward, daemon=True, name=f"log-{name}").start()
