@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from asyncgrad import dist_autograd, optim, rpc
+from asyncgrad import errors as rpc_errors
 from asyncgrad.graph import Array
 from asyncgrad.nn import functional as F
 from asyncgrad.tensor import Tensor, tensor
@@ -96,6 +97,18 @@ def progress(trainer: str, step: int, loss: float) -> None:
     )
 
 
+async def wait_for_workers(agent: rpc.Agent, names: Sequence[str], timeout: float = 60.0) -> None:
+    """Return once every named worker is live (under docker compose they start in any order)."""
+    deadline = time.monotonic() + timeout
+    while missing := set(names) - {w.name for w in await agent.workers()}:
+        if time.monotonic() > deadline:
+            raise rpc_errors.WorkerUnavailable(
+                f"workers not live after {timeout} s: {sorted(missing)}"
+            )
+        # Registration publishes no event to wait on: poll the registry, with a deadline.
+        await asyncio.sleep(0.2)
+
+
 def accuracy(state: dict[str, Array], x: Array, y: Array) -> float:
     model = mlp(SIZES)
     model.load_state_dict(state)
@@ -112,6 +125,7 @@ async def main(
 ) -> int:
     """Train on the `ps` worker with `trainers`; print final loss and held-out accuracy."""
     console = console or Console()
+    await wait_for_workers(agent, ["ps", *trainers])
     ps = await agent.remote("ps", ParameterServer, args=(SIZES, 0))
     x_test, y_test = Task().sample(2000, seed=999)
     before = accuracy(await ps.rpc_async().state_dict(), x_test, y_test)
