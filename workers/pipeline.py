@@ -12,6 +12,8 @@ RPC and the distributed backward flows back the same way.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from asyncgrad import nn, rpc
@@ -25,7 +27,8 @@ class Stage:
 
     def __init__(self, fan_in: int, fan_out: int, seed: int = 0) -> None:
         rng = np.random.default_rng(seed)
-        weight = rng.standard_normal((fan_in, fan_out), dtype=np.float32) / np.sqrt(fan_in)
+        # math.sqrt: a Python float keeps float32; a numpy float64 scalar would promote.
+        weight = rng.standard_normal((fan_in, fan_out), dtype=np.float32) / math.sqrt(fan_in)
         self.weight = nn.Parameter(weight)
 
     def forward(self, x: Tensor) -> Tensor:
