@@ -18,7 +18,7 @@ import redis.asyncio as aredis
 
 from asyncgrad import rpc
 from asyncgrad.embedded import EmbeddedRedis
-from asyncgrad.errors import AsyncgradError, TransportError
+from asyncgrad.errors import AsyncgradError, RPCTimeout, TransportError
 from asyncgrad.resp import Connection, ConnectionLost, RedisAddress, ReplyError, SyncConnection
 from asyncgrad.transport import (
     GROUP,
@@ -32,6 +32,7 @@ from asyncgrad.transport import (
     inbox,
     registry,
 )
+from tests import rpc_funcs as f
 from tests.conftest import DEADLINE, LogEvents, eventually, kill_clients
 
 # *** the RESP client ***
@@ -556,6 +557,54 @@ async def test_a_message_stored_twice_runs_once(
     assert await caller.rpc_async("w", count, args=(2,)) == 2
     assert runs == {1: 1, 2: 1}
     await eventually(lambda: _settled(redis_client, w_inbox), "both copies acked and deleted")
+
+
+async def test_the_timeout_bounds_the_whole_call_while_redis_is_unreachable(
+    namespace: str, log_events: LogEvents
+) -> None:
+    """The liveness check, and the announcement of an RRef passed on, wait for a writer
+    that cannot reconnect: the call's timeout ends them too, and the count added for
+    the RRef is taken back."""
+    with EmbeddedRedis() as server:
+        address = RedisAddress.from_url(server.url)
+        assert address.path is not None
+        # failure_timeout 30 s: a liveness check a has made holds for 6 s.
+        a, b, c = (
+            rpc.Agent(name, redis_url=server.url, namespace=namespace, failure_timeout=30.0)
+            for name in "abc"
+        )
+        client = aredis.Redis.from_url(server.url)
+        try:
+            for agent in (a, b, c):
+                await agent.start()
+            theirs = await a.remote("b", f.Box)  # a has just seen b alive
+            await a.rpc_async("c", f.echo, args=(None,))  # and c
+            await client.ping()
+            os.rename(address.path, address.path + ".away")
+            assert await kill_clients(client, f"asyncgrad:{namespace}:a:writer") == 1
+            await log_events.wait("event=reconnect_failed agent=a role=writer")
+            started = time.monotonic()
+            with pytest.raises(RPCTimeout, match=r"echo on 'nobody' got no reply within 0.5 s"):
+                await asyncio.wait_for(
+                    a.rpc_async("nobody", f.echo, args=(1,), timeout=0.5), DEADLINE
+                )
+            assert time.monotonic() - started < 2.0  # not the writer's connect timeout
+            started = time.monotonic()
+            with pytest.raises(RPCTimeout, match=r"echo on 'c' got no reply within 0.5 s"):
+                await asyncio.wait_for(
+                    a.rpc_async("c", f.echo, args=(theirs,), timeout=0.5), DEADLINE
+                )
+            assert time.monotonic() - started < 2.0
+            os.rename(address.path + ".away", address.path)
+            # The +1 for c and its -1 reach b first, in order: only a still holds the box.
+            assert await a.rpc_async("b", f.echo, args=(1,), timeout=DEADLINE) == 1
+            assert b._rrefs.holders() == {"a"}
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(address.path + ".away", address.path)
+            await client.aclose()
+            for agent in (a, b, c):
+                await agent.shutdown(graceful=False)
 
 
 async def _has_entries(client: aredis.Redis, stream: str, n: int) -> bool:

@@ -333,28 +333,38 @@ class Agent:
             isinstance(call.kwargs, dict) and all(isinstance(k, str) for k in call.kwargs)
         ):
             raise TypeError(f"kwargs must be a dict with str keys, not {call.kwargs!r}")
+        what = call.fn or f"rref {call.target}.{call.method or 'to_here'}"
+        limit = self.rpc_timeout if timeout is None else timeout
+        # One deadline for the whole call: the liveness check and the announcement of
+        # passed-on RRefs wait for Redis too, and a caller's timeout bounds all of it.
+        deadline = asyncio.timeout(limit)
+        try:
+            async with deadline:
+                return await self._call_within(to, call, what)
+        except TimeoutError:
+            if deadline.expired():
+                raise RPCTimeout(f"{what} on {to!r} got no reply within {limit} s") from None
+            raise
+
+    async def _call_within(self, to: str, call: Call, what: str) -> Any:
         await self._ensure_alive(to)
         header_id = next(self._ids)
         frames, record = self._encode(to, Kind.CALL, header_id, call.to_wire())
-        await self._announce_forks(self._take_passed())
-        future = asyncio.get_running_loop().create_future()
-        what = call.fn or f"rref {call.target}.{call.method or 'to_here'}"
-        self._pending[header_id] = _Pending(future, to, what)
-        self._watch_wanted.set()
+        sent = False
         try:
+            await self._announce_forks(self._take_passed())
+            future = asyncio.get_running_loop().create_future()
+            self._pending[header_id] = _Pending(future, to, what)
+            self._watch_wanted.set()
             stored = self._transport.send(to, frames)
+            sent = True
             stored.add_done_callback(functools.partial(self._on_stored, header_id))
-            limit = self.rpc_timeout if timeout is None else timeout
-            deadline = asyncio.timeout(limit)
-            try:
-                async with deadline:
-                    return await future
-            except TimeoutError:
-                if deadline.expired():
-                    raise RPCTimeout(f"{what} on {to!r} got no reply within {limit} s") from None
-                raise
-        except (WorkerUnavailable, RemoteError) as e:
-            never_arrived = isinstance(e, WorkerUnavailable) or e.remote_type == "CodecError"
+            return await future
+        except BaseException as e:
+            # A recorded send that never reached its callee must not leave a pass waiting
+            # for its gradient: failed, cancelled or timed out before it left, or refused.
+            never_arrived = not sent or isinstance(e, WorkerUnavailable)
+            never_arrived |= isinstance(e, RemoteError) and e.remote_type == "CodecError"
             if record is not None and self.seam is not None and never_arrived:
                 self.seam.unsent(self, to, record)
             raise
