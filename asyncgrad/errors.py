@@ -3,6 +3,7 @@
     AsyncgradError
     ├── CodecError            a value cannot be encoded, or bytes cannot be decoded
     ├── TransportError        Redis is unreachable or answered with an error
+    │   └── AgentNameTaken    a live agent already holds the name in its namespace
     ├── RpcError
     │   ├── RPCTimeout        also a builtin TimeoutError
     │   ├── RemoteError       the remote function raised; carries its type and traceback
@@ -17,6 +18,7 @@ autograd misuse raises `RuntimeError` (as PyTorch does): callers already expect 
 from __future__ import annotations
 
 __all__ = [
+    "AgentNameTaken",
     "AsyncgradError",
     "CodecError",
     "ContextError",
@@ -39,6 +41,10 @@ class CodecError(AsyncgradError):
 
 class TransportError(AsyncgradError):
     """Redis could not be reached, or rejected a command."""
+
+
+class AgentNameTaken(TransportError):
+    """Another live agent holds this name in the namespace: an agent cannot start under it."""
 
 
 class RpcError(AsyncgradError):

@@ -14,6 +14,11 @@ re-reads its own pending entries (delivered but never acked), except those it is
 handling; a write lost with its connection is sent again, which may store a message
 twice: the layer above drops such duplicates. A thread refreshes the heartbeat key, so
 a busy event loop never looks dead.
+
+The heartbeat key also holds the agent's name: `start` claims it (SET NX) and refuses
+with `AgentNameTaken` while a live agent holds it; a holder that was a process of this
+host and is gone (a worker killed and restarted at once) is taken over. Its value starts
+with a token of this run, so that a run refreshes and deletes only its own heartbeat.
 """
 
 from __future__ import annotations
@@ -24,13 +29,14 @@ import itertools
 import logging
 import os
 import re
+import secrets
 import socket
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from asyncgrad.errors import TransportError
+from asyncgrad.errors import AgentNameTaken, TransportError
 from asyncgrad.resp import Arg, Connection, ConnectionLost, RedisAddress, ReplyError, SyncConnection
 
 __all__ = [
@@ -42,6 +48,7 @@ __all__ = [
     "check_name",
     "dead_letters",
     "heartbeat",
+    "heartbeat_fields",
     "inbox",
     "registry",
 ]
@@ -57,6 +64,7 @@ _DEAD_LETTER_NAME_BYTES = 256
 _DEAD_LETTER_FIELDS = 64
 _MAX_DELIVERIES = 3
 _FIRST_RETRY_DELAY = 0.05
+_CLAIM_ATTEMPTS = 3
 
 
 def check_name(kind: str, value: str) -> str:
@@ -97,8 +105,29 @@ for i = 0, 65535 do
 end
 return redis.error_reply('ERR no free agent id in this namespace')
 """
-# Deletes the inbox only if nothing waits in it, so a late message is never lost silently.
-_DROP_IF_EMPTY = "if redis.call('XLEN', KEYS[1]) == 0 then return redis.call('DEL', KEYS[1]) end"
+# Sets the heartbeat KEYS[1] if nobody holds it or its value starts with ARGV[1]: the
+# run's own token (a refresh), or the whole value of a holder found gone (a takeover).
+_SET_HEARTBEAT = """
+local held = redis.call('GET', KEYS[1])
+if held and string.sub(held, 1, #ARGV[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 1
+"""
+# Leaving: unless another run holds the name now, its heartbeat goes, and its inbox too
+# if nothing waits in it (so a late message is never lost silently).
+_LEAVE = """
+local held = redis.call('GET', KEYS[1])
+if held and string.sub(held, 1, #ARGV[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+if redis.call('XLEN', KEYS[2]) == 0 then redis.call('DEL', KEYS[2]) end
+return 1
+"""
+
+
+def heartbeat_fields(value: bytes | None) -> dict[str, str]:
+    """A heartbeat's value (`run=... id=... pid=... host=... ttl_ms=...`) as a dict."""
+    parts = (value or b"").decode(errors="replace").split()
+    return dict(part.split("=", 1) for part in parts if "=" in part)
 
 
 class InboxMissing(TransportError):
@@ -169,6 +198,9 @@ class Transport:
         self._beat_stop = threading.Event()
         self._beat_thread: threading.Thread | None = None
         self._beat_done: asyncio.Future[None] | None = None
+        # Starts the heartbeat's value: whose it is, among runs under this name.
+        self._run = f"run={secrets.token_hex(8)} "
+        self._claimed = False
 
     # *** lifecycle ***
 
@@ -178,11 +210,6 @@ class Transport:
         self._reader = await self._connect("reader")
         await self._prepare(self._reader)
         beat = SyncConnection(self.address, name=self._client_name("heartbeat"))
-        try:
-            self._beat(beat)
-        except TransportError:
-            beat.close()
-            raise
         self._beat_done = asyncio.get_running_loop().create_future()
         self._beat_thread = threading.Thread(
             target=self._beat_forever,
@@ -195,17 +222,52 @@ class Transport:
         return self.id
 
     async def _prepare(self, conn: Connection) -> None:
-        """Inbox, group and registry entry: idempotent, rerun after every reconnect.
+        """Registry entry, inbox and group: idempotent, rerun after every reconnect; the
+        first time, the name is claimed too.
 
         Runs on the reader connection, which is idle between two reads.
         """
+        self.id = int(await conn.execute("EVAL", _REGISTER, 1, registry(self.namespace), self.name))
+        if not self._claimed:
+            # Before the inbox is touched: a duplicate refused here must not reclaim (and
+            # dead-letter) the pending entries of the agent that holds the name.
+            await self._claim(conn)
+            self._claimed = True
         try:
             await conn.execute("XGROUP", "CREATE", self._inbox, GROUP, "0", "MKSTREAM")
         except ReplyError as e:
             if e.code != "BUSYGROUP":
                 raise
-        self.id = int(await conn.execute("EVAL", _REGISTER, 1, registry(self.namespace), self.name))
         await self._reclaim(conn)
+
+    async def _claim(self, conn: Connection) -> None:
+        """Set the heartbeat if nobody holds the name, or its holder is gone; else raise."""
+        key, value = heartbeat(self.namespace, self.name), self._beat_value()
+        ttl_ms = int(self.settings.heartbeat_ttl * 1000)
+        for _ in range(_CLAIM_ATTEMPTS):
+            if await conn.execute("SET", key, value, "NX", "PX", ttl_ms) is not None:
+                return
+            held = await conn.execute("GET", key)
+            if held is None:
+                continue  # it lapsed between the two commands
+            holder = heartbeat_fields(held)
+            if not _gone(holder):
+                raise AgentNameTaken(
+                    f"agent name {self.name!r} is taken in namespace {self.namespace!r}: "
+                    f"a live agent holds it (pid {holder.get('pid', '?')} on host "
+                    f"{holder.get('host', '?')}); stop it or pick another name"
+                )
+            # Unless the name changed hands again meanwhile.
+            if await conn.execute("EVAL", _SET_HEARTBEAT, 1, key, held, value, ttl_ms):
+                logger.warning(
+                    "event=name_taken_over agent=%s pid=%s host=%s",
+                    self.name, holder["pid"], holder["host"],
+                )  # fmt: skip
+                return
+        raise AgentNameTaken(
+            f"agent name {self.name!r} in namespace {self.namespace!r} changed hands "
+            f"{_CLAIM_ATTEMPTS} times while this agent claimed it"
+        )
 
     async def close(self) -> None:
         """Stop reading, flush acks, stop heartbeats; the inbox goes if nothing waits in it."""
@@ -253,8 +315,8 @@ class Transport:
                     try:
                         writer = await self._ready_writer()
                         self._flush()
-                        await writer.execute("DEL", heartbeat(self.namespace, self.name))
-                        await writer.execute("EVAL", _DROP_IF_EMPTY, 1, self._inbox)
+                        key = heartbeat(self.namespace, self.name)
+                        await writer.execute("EVAL", _LEAVE, 2, key, self._inbox, self._run)
                         return
                     except ConnectionLost:
                         if attempt == 2:
@@ -594,22 +656,34 @@ class Transport:
 
     # *** heartbeat ***
 
-    def _beat(self, conn: SyncConnection) -> None:
+    def _beat_value(self) -> str:
         ttl_ms = int(self.settings.heartbeat_ttl * 1000)
-        value = f"id={self.id} pid={os.getpid()} host={socket.gethostname()} ttl_ms={ttl_ms}"
-        conn.execute("SET", heartbeat(self.namespace, self.name), value, "PX", ttl_ms)
+        host = socket.gethostname()
+        return f"{self._run}id={self.id} pid={os.getpid()} host={host} ttl_ms={ttl_ms}"
+
+    def _beat(self, conn: SyncConnection) -> bool:
+        """Refresh the heartbeat; False if another run holds the name now."""
+        key, ttl_ms = heartbeat(self.namespace, self.name), int(self.settings.heartbeat_ttl * 1000)
+        return bool(
+            conn.execute("EVAL", _SET_HEARTBEAT, 1, key, self._run, self._beat_value(), ttl_ms)
+        )
 
     def _beat_forever(self, conn: SyncConnection | None, done: asyncio.Future[None]) -> None:
         loop = done.get_loop()
+        ours = True
         try:
             while not self._beat_stop.wait(self.settings.heartbeat_interval):
                 try:
+                    reconnected = conn is None
                     if conn is None:
                         conn = SyncConnection(self.address, name=self._client_name("heartbeat"))
-                        self._beat(conn)
+                    was_ours, ours = ours, self._beat(conn)
+                    if reconnected:
                         logger.info("event=reconnected agent=%s role=heartbeat", self.name)
-                    else:
-                        self._beat(conn)
+                    if was_ours and not ours:
+                        # The heartbeat lapsed (Redis out of reach) and another agent took
+                        # the name meanwhile; its heartbeat is left alone until it leaves.
+                        logger.error("event=name_lost agent=%s", self.name)
                 except TransportError as e:
                     logger.warning("event=heartbeat_failed agent=%s error=%s", self.name, e)
                     if conn is not None:
@@ -620,6 +694,20 @@ class Transport:
         finally:
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
                 loop.call_soon_threadsafe(_resolve, done)
+
+
+def _gone(holder: dict[str, str]) -> bool:
+    """Whether a heartbeat's holder was a process of this host that no longer exists."""
+    pid = holder.get("pid", "")
+    if holder.get("host") != socket.gethostname() or not pid.isdigit() or int(pid) <= 0:
+        return False  # elsewhere, or not ours to tell: only its TTL can say it is gone
+    try:
+        os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # it exists, as another user's process
+        return False
+    return False
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

@@ -124,6 +124,13 @@ def spawn_worker(
             worker.process.stderr.close()
 
 
+def gone_pid() -> int:
+    """The pid of a process of this host that has exited (and been reaped)."""
+    child = subprocess.Popen(["true"])
+    child.wait(DEADLINE)
+    return child.pid
+
+
 @pytest.fixture
 def read_line() -> Callable[[IO[bytes]], str]:
     """Read one line from a child's pipe, failing after DEADLINE s instead of hanging."""

@@ -14,6 +14,7 @@ import asyncio
 import copy
 import gc
 import itertools
+import os
 import pickle
 import time
 import uuid
@@ -27,6 +28,7 @@ import redis
 
 import asyncgrad as ag
 from asyncgrad import rpc
+from asyncgrad.errors import AgentNameTaken
 from asyncgrad.rpc import Agent, RRef, WorkerInfo
 from tests import rpc_funcs as f
 from tests.rpc_funcs import CALLS, Box, Gate, Holder
@@ -879,6 +881,20 @@ async def test_an_agent_name_keeps_its_id(make_agent: MakeAgent) -> None:
     assert again.id == b.id
     assert (await make_agent("c")).id not in (a.id, b.id)
     assert await a.get_worker_info("b") == WorkerInfo("b", b.id)
+
+
+async def test_a_name_held_by_a_live_agent_is_refused_and_the_holder_keeps_working(
+    make_agent: MakeAgent, namespace: str
+) -> None:
+    a, b = await make_agent("a"), await make_agent("b")
+    says = f"agent name 'a' is taken in namespace '{namespace}': a live agent holds it"
+    with pytest.raises(AgentNameTaken, match=f"{says} \\(pid {os.getpid()} on host"):
+        await make_agent("a")
+    # The refused agent left the holder's heartbeat, inbox and id alone.
+    assert await b.alive(["a"]) == [True]
+    assert await b.rpc_async("a", f.add, args=(1, 2)) == 3
+    assert await a.rpc_async("a", f.add, args=(2, 2)) == 4
+    assert await b.workers() == [WorkerInfo("a", a.id), WorkerInfo("b", b.id)]
 
 
 async def test_rpc_to_self(make_agent: MakeAgent) -> None:

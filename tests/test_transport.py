@@ -8,6 +8,7 @@ import collections
 import contextlib
 import gc
 import os
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,7 +19,7 @@ import redis.asyncio as aredis
 
 from asyncgrad import rpc
 from asyncgrad.embedded import EmbeddedRedis
-from asyncgrad.errors import AsyncgradError, RPCTimeout, TransportError
+from asyncgrad.errors import AgentNameTaken, AsyncgradError, RPCTimeout, TransportError
 from asyncgrad.resp import Connection, ConnectionLost, RedisAddress, ReplyError, SyncConnection
 from asyncgrad.transport import (
     GROUP,
@@ -33,7 +34,7 @@ from asyncgrad.transport import (
     registry,
 )
 from tests import rpc_funcs as f
-from tests.conftest import DEADLINE, LogEvents, eventually, kill_clients
+from tests.conftest import DEADLINE, LogEvents, eventually, gone_pid, kill_clients
 
 # *** the RESP client ***
 
@@ -477,6 +478,46 @@ async def test_heartbeat_survives_its_connection_being_killed(
     assert f"id=0 pid={os.getpid()}" in value
 
 
+@pytest.mark.parametrize(
+    "holder",
+    ["another host", "this process", "no pid"],
+)
+async def test_a_name_whose_holder_may_be_alive_is_refused_and_left_alone(
+    holder: str, redis_url: str, redis_client: aredis.Redis, namespace: str
+) -> None:
+    value = {
+        "another host": f"run=x id=0 pid={gone_pid()} host=not-{socket.gethostname()}",
+        "this process": f"run=x id=0 pid={os.getpid()} host={socket.gethostname()}",
+        "no pid": "id=0",
+    }[holder]
+    key = heartbeat(namespace, "b")
+    await redis_client.set(key, value, px=int(DEADLINE * 1000))
+    t = Transport(RedisAddress.from_url(redis_url), namespace, "b", Mailbox())
+    try:
+        with pytest.raises(AgentNameTaken, match="agent name 'b' is taken in namespace"):
+            await t.start()
+    finally:
+        await t.close()
+    # The refused transport touched neither the holder's heartbeat nor its inbox.
+    assert (await redis_client.get(key)).decode() == value
+    assert await redis_client.exists(inbox(namespace, "b")) == 0
+
+
+async def test_a_name_left_by_a_gone_process_of_this_host_is_taken_over(
+    make_transport: MakeTransport,
+    redis_client: aredis.Redis,
+    namespace: str,
+    log_events: LogEvents,
+) -> None:
+    crashed = gone_pid()
+    key = heartbeat(namespace, "b")
+    fake = f"run=x id=0 pid={crashed} host={socket.gethostname()} ttl_ms=60000"
+    await redis_client.set(key, fake, px=60_000)
+    await make_transport("b", Mailbox())
+    await log_events.wait(f"event=name_taken_over agent=b pid={crashed}")
+    assert f"pid={os.getpid()} " in (await redis_client.get(key)).decode()
+
+
 def _heartbeat_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("asyncgrad-heartbeat-")]
 
@@ -546,7 +587,9 @@ async def test_a_message_stored_twice_runs_once(
 
     w_inbox = inbox(namespace, "w")
     await redis_client.xgroup_create(w_inbox, GROUP, id="0", mkstream=True)
-    await redis_client.set(heartbeat(namespace, "w"), "id=0", px=int(DEADLINE * 1000))
+    # Left by a process of this host that is gone: the real "w" takes the name over.
+    fake = f"id=0 pid={gone_pid()} host={socket.gethostname()}"
+    await redis_client.set(heartbeat(namespace, "w"), fake, px=int(DEADLINE * 1000))
     caller = await make_agent("caller")
     call = asyncio.create_task(caller.rpc_async("w", count, args=(1,)))
     await eventually(lambda: _has_entries(redis_client, w_inbox, 1), "the call stored")

@@ -8,6 +8,7 @@ import os
 import random
 import select
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -107,6 +108,40 @@ async def test_sigkill_fails_a_call_in_flight_within_the_detection_window(
     assert time.monotonic() - killed_at < 5.0
     with pytest.raises(WorkerUnavailable):  # and a new call fails at once
         await caller.rpc_async("w", "test.echo", args=(1,))
+
+
+async def test_a_worker_killed_and_restarted_at_once_takes_its_name_back(
+    spawn_worker: Callable[..., WorkerProcess], make_agent: Any
+) -> None:
+    first = spawn_worker("w", FUNCS)
+    first.process.kill()
+    exit_code(first)  # reaped, as by any supervisor: its pid is gone
+    # Its heartbeat has not lapsed yet (3 s): the new one takes the name over at once.
+    again = spawn_worker("w", FUNCS)
+    assert any(f"event=name_taken_over agent=w pid={first.pid} " in line for line in again.log)
+    caller = await make_agent("caller")
+    assert await caller.rpc_async("w", "test.whoami", timeout=DEADLINE) == (
+        caller.namespace, "w", again.pid,
+    )  # fmt: skip
+
+
+def test_a_second_worker_under_a_live_name_exits_1_with_one_line(
+    spawn_worker: Callable[..., WorkerProcess], redis_url: str, namespace: str
+) -> None:
+    first = spawn_worker("w", FUNCS)
+    argv = [sys.executable, "-m", "asyncgrad", "worker", "w", "--redis", redis_url]
+    argv += ["--namespace", namespace, "--import", FUNCS]
+    done = subprocess.run(argv, capture_output=True, timeout=DEADLINE, cwd=ROOT, check=False)
+    assert done.returncode == 1
+    errors = [line for line in done.stderr.decode().splitlines() if "error" in line]
+    assert errors == [
+        f"asyncgrad: error: agent name 'w' is taken in namespace {namespace!r}: a live agent "
+        f"holds it (pid {first.pid} on host {socket.gethostname()}); stop it or pick another name"
+    ]
+    # The first one is untouched: still serving, still the holder of the name.
+    with redis.Redis.from_url(redis_url) as client:
+        assert f"pid={first.pid} " in client.get(heartbeat(namespace, "w")).decode()
+    assert first.process.poll() is None
 
 
 # *** signals and the lifecycle ***
