@@ -81,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
         help="start a local worker first (repeatable); stopped when the job ends",
     )  # fmt: skip
 
-    status = command("status", _status, "live workers, heartbeat age, inbox backlog")
+    status = command("status", _status, "live workers, heartbeat age, inbox backlog, open contexts")
     status.set_defaults(lifecycle_logs=False)
     _connection_options(status)
 

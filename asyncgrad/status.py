@@ -1,4 +1,8 @@
-"""`asyncgrad status`: what Redis knows about a namespace's agents, as a table."""
+"""`asyncgrad status`: what Redis knows about a namespace's agents, as a table.
+
+The open distributed autograd contexts are what each live agent last published in its
+heartbeat (`contexts=N`), so they are at most one heartbeat interval old.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ class WorkerStatus:
     backlog: int
     pending: int
     dead_letters: int
+    contexts: int | None  # open distributed autograd contexts (None: not alive)
 
 
 async def collect(url: str, namespace: str) -> list[WorkerStatus]:
@@ -56,20 +61,23 @@ async def _one(conn: Connection, namespace: str, name: str, agent_id: int) -> Wo
     except ReplyError:  # no inbox (the agent left): nothing pending
         pending = 0
     alive = ttl_ms > 0
-    fields = dict(part.split("=", 1) for part in (beat or b"").decode().split() if "=" in part)
+    fields = transport.heartbeat_fields(beat)
     full_ms = int(fields.get("ttl_ms", "0"))
     age = max(0.0, (full_ms - ttl_ms) / 1000) if alive and full_ms else None
-    return WorkerStatus(name, agent_id, alive, age, int(backlog), pending, int(dead))
+    contexts = int(fields["contexts"]) if alive and "contexts" in fields else None
+    return WorkerStatus(name, agent_id, alive, age, int(backlog), pending, int(dead), contexts)
 
 
 def render(rows: list[WorkerStatus], namespace: str, console: Console | None = None) -> None:
     table = Table(title=f"asyncgrad namespace {namespace!r}")
-    for column in ("worker", "id", "alive", "heartbeat age", "backlog", "pending", "dead letters"):
+    columns = ("worker", "id", "alive", "heartbeat age", "backlog", "pending", "dead letters")
+    for column in (*columns, "contexts"):
         table.add_column(column, justify="left" if column == "worker" else "right")
     for r in rows:
         age = f"{r.heartbeat_age_s:.1f} s" if r.heartbeat_age_s is not None else "-"
+        contexts = str(r.contexts) if r.contexts is not None else "-"
         table.add_row(
             r.name, str(r.id), "yes" if r.alive else "no", age,
-            str(r.backlog), str(r.pending), str(r.dead_letters),
+            str(r.backlog), str(r.pending), str(r.dead_letters), contexts,
         )  # fmt: skip
     (console or Console()).print(table)

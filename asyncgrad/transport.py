@@ -125,7 +125,8 @@ return 1
 
 
 def heartbeat_fields(value: bytes | None) -> dict[str, str]:
-    """A heartbeat's value (`run=... id=... pid=... host=... ttl_ms=...`) as a dict."""
+    """A heartbeat's value (`run=... id=... pid=... host=... ttl_ms=... contexts=...`)
+    as a dict."""
     parts = (value or b"").decode(errors="replace").split()
     return dict(part.split("=", 1) for part in parts if "=" in part)
 
@@ -163,7 +164,11 @@ class Inbound:
 
 
 class Transport:
-    """One agent's inbox, heartbeat and outgoing streams. `deliver` gets each batch read."""
+    """One agent's inbox, heartbeat and outgoing streams. `deliver` gets each batch read.
+
+    `open_contexts`, if given, is asked at every heartbeat (from the heartbeat's thread)
+    for the number published as `contexts=N`, which `asyncgrad status` shows.
+    """
 
     def __init__(
         self,
@@ -172,6 +177,7 @@ class Transport:
         name: str,
         deliver: Callable[[list[Inbound]], None],
         settings: TransportSettings | None = None,
+        open_contexts: Callable[[], int] | None = None,
     ) -> None:
         self.address = address
         self.namespace = check_name("namespace", namespace)
@@ -179,6 +185,7 @@ class Transport:
         self.settings = settings or TransportSettings()
         self.id = -1
         self._deliver = deliver
+        self._open_contexts = open_contexts or (lambda: 0)
         self._inbox = inbox(namespace, name)
         self._reader: Connection | None = None
         self._writer: Connection | None = None
@@ -658,8 +665,11 @@ class Transport:
 
     def _beat_value(self) -> str:
         ttl_ms = int(self.settings.heartbeat_ttl * 1000)
-        host = socket.gethostname()
-        return f"{self._run}id={self.id} pid={os.getpid()} host={host} ttl_ms={ttl_ms}"
+        host, contexts = socket.gethostname(), self._open_contexts()
+        return (
+            f"{self._run}id={self.id} pid={os.getpid()} host={host} ttl_ms={ttl_ms} "
+            f"contexts={contexts}"
+        )
 
     def _beat(self, conn: SyncConnection) -> bool:
         """Refresh the heartbeat; False if another run holds the name now."""

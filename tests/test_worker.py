@@ -23,12 +23,14 @@ import pytest
 import redis
 import redis.asyncio as aredis
 
-from asyncgrad import status
+from asyncgrad import dist_autograd, rpc, status
 from asyncgrad.cli import main
 from asyncgrad.codec import decode
 from asyncgrad.errors import AsyncgradError, RemoteError, WorkerUnavailable
 from asyncgrad.resp import RedisAddress
+from asyncgrad.rpc import Agent
 from asyncgrad.transport import GROUP, Inbound, Transport, dead_letters, heartbeat, inbox
+from tests import worker_funcs  # noqa: F401  (exposes test.echo in this process too)
 from tests.conftest import DEADLINE, ROOT, WorkerProcess, eventually
 
 FUNCS = "tests.worker_funcs"
@@ -590,6 +592,31 @@ async def test_status_collects_a_live_worker_its_backlog_pending_and_dead_letter
     assert (w.backlog, w.pending, w.dead_letters) == (0, 0, 1)
 
 
+async def test_status_shows_the_contexts_open_on_each_agent(
+    make_agent: Any, redis_url: str, namespace: str
+) -> None:
+    """Each agent publishes its count at every heartbeat (every 0.15 s here); leaving a
+    context releases it on the worker it reached too."""
+    await make_agent("w", failure_timeout=1.0)
+    gone = await make_agent("gone", failure_timeout=1.0)
+    await gone.shutdown()
+
+    async def contexts_are(expected: dict[str, int | None]) -> None:
+        async def probe() -> bool:
+            rows = await status.collect(redis_url, namespace)
+            return {r.name: r.contexts for r in rows} == expected
+
+        await eventually(probe, f"contexts {expected}")
+
+    async with Agent("trainer", redis_url=redis_url, namespace=namespace, failure_timeout=1.0):
+        await contexts_are({"w": 0, "gone": None, "trainer": 0})
+        async with dist_autograd.context(), dist_autograd.context():
+            # A call made in a context opens it on the callee too.
+            assert await rpc.rpc_async("w", "test.echo", args=(1,)) == 1
+            await contexts_are({"w": 1, "gone": None, "trainer": 2})
+        await contexts_are({"w": 0, "gone": None, "trainer": 0})
+
+
 def _table_rows(out: str) -> dict[str, list[str]]:
     rows = {}
     for line in out.splitlines():
@@ -612,8 +639,8 @@ def test_status_command_shows_the_worker_and_counts_a_dead_letter(
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert namespace in out
-    (worker_id, alive, age, backlog, pending, dead) = _table_rows(out)["w"]
-    assert (worker_id, alive, backlog, pending, dead) == ("0", "yes", "0", "0", "0")
+    (worker_id, alive, age, backlog, pending, dead, contexts) = _table_rows(out)["w"]
+    assert (worker_id, alive, backlog, pending, dead, contexts) == ("0", "yes", "0", "0", "0", "0")
     assert age.endswith(" s") and float(age[:-2]) < 3.0
     with redis.Redis.from_url(redis_url) as client:
         client.xadd(inbox(namespace, "w"), {b"\xff": b"\x00"})
@@ -622,7 +649,7 @@ def test_status_command_shows_the_worker_and_counts_a_dead_letter(
         while "event=dead_letter" not in (line := read_line(worker.process.stderr)):
             worker.log.append(line)
     assert main(argv) == 0
-    assert _table_rows(capsys.readouterr().out)["w"][-1] == "1"
+    assert _table_rows(capsys.readouterr().out)["w"][-2] == "1"
     # The real entry point, once.
     done = subprocess.run(
         [sys.executable, "-m", "asyncgrad", *argv],
@@ -632,7 +659,7 @@ def test_status_command_shows_the_worker_and_counts_a_dead_letter(
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    (worker_id, alive, _, backlog, pending, dead) = _table_rows(done.stdout.decode())["w"]
+    (worker_id, alive, _, backlog, pending, dead, _) = _table_rows(done.stdout.decode())["w"]
     assert (worker_id, alive, backlog, pending, dead) == ("0", "yes", "0", "0", "1")
 
 

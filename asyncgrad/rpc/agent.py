@@ -91,7 +91,8 @@ class AutogradSeam(Protocol):
     require grad, and returns the record to put in its header (None: nothing to record);
     `incoming` sees each record that arrives (`call`: it runs in the call's own context);
     `unsent` hears of a recorded call that never reached its callee; `handle` gets the
-    autograd message kinds.
+    autograd message kinds; `open_contexts` is asked, from the heartbeat's thread, how
+    many contexts are open here (published for `asyncgrad status`).
     """
 
     def outgoing(self, agent: Agent, dest: str, tensors: list[Tensor]) -> Any: ...
@@ -103,6 +104,8 @@ class AutogradSeam(Protocol):
     def unsent(self, agent: Agent, dest: str, record: Any) -> None: ...
 
     def handle(self, agent: Agent, header: Header, payload: Any) -> None: ...
+
+    def open_contexts(self) -> int: ...
 
     def close(self) -> None: ...
 
@@ -144,7 +147,12 @@ class Agent:
         )
         self._check_every = failure_timeout * 0.2
         self._transport = Transport(
-            RedisAddress.from_url(self.redis_url), namespace, name, self._deliver, settings
+            RedisAddress.from_url(self.redis_url),
+            namespace,
+            name,
+            self._deliver,
+            settings,
+            open_contexts=self._open_contexts,
         )
         self._codec = Codec(
             max_size=max_message_size,
@@ -284,6 +292,11 @@ class Agent:
             import warnings
 
             warnings.warn(f"agent {self.name!r} was never shut down", ResourceWarning, stacklevel=1)
+
+    def _open_contexts(self) -> int:
+        # Called from the heartbeat's thread: it only reads (a len() of a dict).
+        seam = self.seam
+        return seam.open_contexts() if seam is not None else 0
 
     def _check_running(self) -> None:
         if self._state not in ("running", "draining"):
