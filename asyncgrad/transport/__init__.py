@@ -1,0 +1,182 @@
+"""Redis as the wire: key names, inbox streams, acks, dead letters, heartbeats, registry.
+
+One agent's `Transport` owns three parts, each with a connection of its own:
+
+- `reader`: the inbox, read through a consumer group (`XREADGROUP ... BLOCK`);
+- `writer`: messages out (one stream entry per inbox and loop tick), acks, dead letters,
+  and resends after a reconnect;
+- `heartbeats`: the heartbeat key, which also holds the agent's name, refreshed by a
+  thread so that a busy event loop never looks dead.
+
+`keys` builds every key name (each carries the namespace) and holds the scripts about
+names; `connections` has the timings, and opens and names each connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from asyncgrad.errors import TransportError
+from asyncgrad.resp import Arg, Connection, ConnectionLost, RedisAddress
+from asyncgrad.transport.connections import Endpoint, TransportSettings
+from asyncgrad.transport.heartbeats import Heartbeat, heartbeat_fields
+from asyncgrad.transport.keys import (
+    GROUP,
+    LEAVE,
+    REGISTER,
+    check_name,
+    dead_letters,
+    heartbeat,
+    inbox,
+    registry,
+)
+from asyncgrad.transport.reader import Inbound, Reader
+from asyncgrad.transport.writer import InboxMissing, Writer
+
+__all__ = [
+    "GROUP",
+    "Inbound",
+    "InboxMissing",
+    "Transport",
+    "TransportSettings",
+    "check_name",
+    "dead_letters",
+    "heartbeat",
+    "heartbeat_fields",
+    "inbox",
+    "registry",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class Transport:
+    """One agent's inbox, heartbeat and outgoing streams. `deliver` gets each batch read.
+
+    `start` claims the agent's name and refuses with `AgentNameTaken` while a live agent
+    holds it. `open_contexts`, if given, is asked at every heartbeat (from the heartbeat's
+    thread) for the number published as `contexts=N`, which `asyncgrad status` shows.
+    """
+
+    def __init__(
+        self,
+        address: RedisAddress,
+        namespace: str,
+        name: str,
+        deliver: Callable[[list[Inbound]], None],
+        settings: TransportSettings | None = None,
+        open_contexts: Callable[[], int] | None = None,
+    ) -> None:
+        self.address = address
+        self.namespace = check_name("namespace", namespace)
+        self.name = check_name("agent name", name)
+        self.settings = settings or TransportSettings()
+        self.id = -1
+        endpoint = Endpoint(address, namespace, name, self.settings)
+        self._writer = Writer(endpoint)
+        self._reader = Reader(endpoint, self._writer, deliver, self._register)
+        self._heartbeat = Heartbeat(endpoint, lambda: self.id, open_contexts or (lambda: 0))
+        self._claimed = False
+        self._closing = False  # close() began: no new sends, no more reading
+
+    # *** lifecycle ***
+
+    async def start(self) -> int:
+        """Connect, claim the name, register, create the inbox and its group, start
+        heartbeats and reading; returns the agent's id."""
+        await self._writer.connect()
+        await self._reader.start()
+        self._heartbeat.start()
+        self._reader.read()
+        return self.id
+
+    async def _register(self, conn: Connection) -> int:
+        """The registry entry (the reader reruns this after every reconnect); the first
+        time, the name's claim too."""
+        self.id = int(await conn.execute("EVAL", REGISTER, 1, registry(self.namespace), self.name))
+        if not self._claimed:
+            # Before the inbox is touched: a duplicate refused here must not reclaim (and
+            # dead-letter) the pending entries of the agent that holds the name.
+            await self._heartbeat.claim(conn)
+            self._claimed = True
+        return self.id
+
+    async def close(self) -> None:
+        """Stop reading, flush acks, stop heartbeats; the inbox goes if nothing waits in it."""
+        if self._closing:
+            return
+        self._closing = True
+        await self._reader.close()
+        # The heartbeat stops before its key is deleted, so no late beat brings it back.
+        await self._heartbeat.stop()
+        if self._writer.conn is not None:  # else it never connected: nothing to clean up
+            await self._clean_up()
+        await self._writer.close()
+
+    async def _clean_up(self) -> None:
+        """Acks, replies and the cleanup still leave if the writer is, or comes, back in time
+        (writes lost with a connection are resent until the writer is closed).
+
+        In time: within the heartbeat's TTL, after which peers count this agent as gone and
+        have failed what waited for it anyway.
+        """
+        try:
+            async with asyncio.timeout(
+                min(self.settings.connect_timeout, self.settings.heartbeat_ttl)
+            ):
+                for attempt in itertools.count(1):
+                    try:
+                        writer = await self._writer.ready()
+                        self._writer.flush()
+                        keys = (self._heartbeat.key, inbox(self.namespace, self.name))
+                        await writer.execute("EVAL", LEAVE, 2, *keys, self._heartbeat.token)
+                        return
+                    except ConnectionLost:
+                        if attempt == 2:
+                            raise
+        except (TransportError, TimeoutError) as e:
+            error = str(e) or "Redis unreachable until the heartbeat's TTL ran out"
+            logger.warning("event=close_cleanup_failed agent=%s error=%s", self.name, error)
+
+    # *** messages ***
+
+    def send(self, dest: str, frames: list[bytes | memoryview]) -> asyncio.Future[None]:
+        """Queue a message for `dest`'s inbox; the future resolves once Redis stored it.
+
+        It fails with `InboxMissing` if `dest` has no inbox (never started, or left). While
+        the writer reconnects, the message waits and leaves once it is back (the layer above
+        bounds that wait with its timeouts); after `close()` it raises `TransportError`.
+        """
+        if self._closing:
+            raise TransportError(f"the transport of agent {self.name!r} is closed")
+        return self._writer.send(dest, frames)
+
+    def done(self, message: Inbound) -> None:
+        """The message is handled; its entry is acked and deleted when all of it is."""
+        self._reader.done(message)
+
+    def dead_letter(self, message: Inbound, reason: str) -> None:
+        """Keep a message that could not be handled in the bounded dead-letter stream."""
+        self._reader.dead_letter(message, reason)
+
+    # *** queries ***
+
+    async def execute(self, *args: Arg) -> Any:
+        """One command on the writer connection (for liveness checks and the like)."""
+        return await (await self._writer.ready()).execute(*args)
+
+    async def alive(self, names: Sequence[str]) -> list[bool]:
+        """Whether each agent's heartbeat is current."""
+        writer = await self._writer.ready()
+        replies = [writer.execute("EXISTS", heartbeat(self.namespace, n)) for n in names]
+        return [bool(r) for r in await asyncio.gather(*replies)]
+
+    async def agents(self) -> dict[str, int]:
+        """Every agent ever registered in the namespace, with its id."""
+        flat = await self.execute("HGETALL", registry(self.namespace))
+        pairs = zip(flat[::2], flat[1::2], strict=True)
+        return {k[2:].decode(): int(v) for k, v in pairs if k.startswith(b"n:")}

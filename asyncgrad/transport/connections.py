@@ -1,0 +1,79 @@
+"""One agent's connections to Redis: their timings, their names, and how they are opened.
+
+Each connection is named `asyncgrad:NAMESPACE:AGENT:ROLE` (role: reader, writer or
+heartbeat), which `CLIENT LIST` shows, so an operator (or a test) can find and kill it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from asyncgrad.resp import Connection, ConnectionLost, RedisAddress, SyncConnection
+
+__all__ = ["FIRST_RETRY_DELAY", "Endpoint", "TransportSettings"]
+
+logger = logging.getLogger(__name__)
+
+FIRST_RETRY_DELAY = 0.05
+
+
+@dataclass(frozen=True)
+class TransportSettings:
+    """Timings of one agent's link to Redis."""
+
+    heartbeat_ttl: float = 3.0
+    heartbeat_interval: float = 0.75
+    block_ms: int = 2000
+    read_count: int = 512
+    reconnect_max_delay: float = 2.0
+    connect_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One agent at one Redis: which agent, where, with which timings; opens its connections."""
+
+    address: RedisAddress
+    namespace: str
+    name: str
+    settings: TransportSettings
+
+    def client_name(self, role: str) -> str:
+        return f"asyncgrad:{self.namespace}:{self.name}:{role}"
+
+    async def open(
+        self, role: str, on_lost: Callable[[Connection], None] | None = None
+    ) -> Connection:
+        """A connection, or `ConnectionLost` within `connect_timeout`."""
+        return await Connection.open(
+            self.address,
+            name=self.client_name(role),
+            connect_timeout=self.settings.connect_timeout,
+            on_lost=on_lost,
+        )
+
+    async def open_with_backoff(
+        self, role: str, on_lost: Callable[[Connection], None] | None = None
+    ) -> Connection:
+        """A connection, however long Redis takes to come back (the caller bounds it)."""
+        delay = FIRST_RETRY_DELAY
+        for attempt in itertools.count(1):
+            try:
+                return await self.open(role, on_lost)
+            except ConnectionLost as e:
+                logger.warning(
+                    "event=reconnect_failed agent=%s role=%s attempt=%d retry_in=%.2fs error=%s",
+                    self.name, role, attempt, delay, e,
+                )  # fmt: skip
+                # Backoff timer between attempts, not a wait for an event.
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.settings.reconnect_max_delay)
+        raise AssertionError("unreachable")
+
+    def open_sync(self, role: str) -> SyncConnection:
+        """A blocking connection, for a thread that must not depend on the event loop."""
+        return SyncConnection(self.address, name=self.client_name(role))

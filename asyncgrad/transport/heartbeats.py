@@ -1,0 +1,171 @@
+"""The heartbeat key: an agent's liveness, and its hold on its name.
+
+`claim` sets the key at start (SET NX) and refuses with `AgentNameTaken` while a live
+agent holds the name; a holder that was a process of this host and is gone (a worker
+killed and restarted at once) is taken over instead of waited out. A thread then
+refreshes the key, so a busy event loop never looks dead. Its value,
+`run=TOKEN id=.. pid=.. host=.. ttl_ms=.. contexts=N`, starts with a token of this run,
+so that a run refreshes (and, leaving, deletes) only its own heartbeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import threading
+from collections.abc import Callable
+
+from asyncgrad.errors import AgentNameTaken, TransportError
+from asyncgrad.resp import Connection, SyncConnection
+from asyncgrad.transport.connections import Endpoint
+from asyncgrad.transport.keys import SET_HEARTBEAT, heartbeat
+
+__all__ = ["Heartbeat", "heartbeat_fields"]
+
+logger = logging.getLogger(__name__)
+
+_CLAIM_ATTEMPTS = 3
+
+
+def heartbeat_fields(value: bytes | None) -> dict[str, str]:
+    """A heartbeat's value (`run=... id=... pid=... host=... ttl_ms=... contexts=...`)
+    as a dict."""
+    parts = (value or b"").decode(errors="replace").split()
+    return dict(part.split("=", 1) for part in parts if "=" in part)
+
+
+class Heartbeat:
+    """One agent's heartbeat key. `agent_id` and `open_contexts` are asked at every beat,
+    from the heartbeat's thread."""
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        agent_id: Callable[[], int],
+        open_contexts: Callable[[], int],
+    ) -> None:
+        self._endpoint = endpoint
+        self._agent_id = agent_id
+        self._open_contexts = open_contexts
+        self.key = heartbeat(endpoint.namespace, endpoint.name)
+        self.token = f"run={secrets.token_hex(8)} "  # starts the value: whose it is
+        self._ttl_ms = int(endpoint.settings.heartbeat_ttl * 1000)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._done: asyncio.Future[None] | None = None
+
+    def value(self) -> str:
+        agent_id, contexts = self._agent_id(), self._open_contexts()
+        return (
+            f"{self.token}id={agent_id} pid={os.getpid()} host={socket.gethostname()} "
+            f"ttl_ms={self._ttl_ms} contexts={contexts}"
+        )
+
+    async def claim(self, conn: Connection) -> None:
+        """Set the key if nobody holds the name, or its holder is gone; else raise."""
+        name, namespace = self._endpoint.name, self._endpoint.namespace
+        for _ in range(_CLAIM_ATTEMPTS):
+            value = self.value()
+            if await conn.execute("SET", self.key, value, "NX", "PX", self._ttl_ms) is not None:
+                return
+            held = await conn.execute("GET", self.key)
+            if held is None:
+                continue  # it lapsed between the two commands
+            holder = heartbeat_fields(held)
+            if not _gone(holder):
+                raise AgentNameTaken(
+                    f"agent name {name!r} is taken in namespace {namespace!r}: "
+                    f"a live agent holds it (pid {holder.get('pid', '?')} on host "
+                    f"{holder.get('host', '?')}); stop it or pick another name"
+                )
+            # Unless the name changed hands again meanwhile.
+            if await conn.execute("EVAL", SET_HEARTBEAT, 1, self.key, held, value, self._ttl_ms):
+                logger.warning(
+                    "event=name_taken_over agent=%s pid=%s host=%s",
+                    name, holder["pid"], holder["host"],
+                )  # fmt: skip
+                return
+        raise AgentNameTaken(
+            f"agent name {name!r} in namespace {namespace!r} changed hands "
+            f"{_CLAIM_ATTEMPTS} times while this agent claimed it"
+        )
+
+    def start(self) -> None:
+        """Refresh the key from a thread of its own, on a connection of its own."""
+        conn = self._endpoint.open_sync("heartbeat")
+        self._done = asyncio.get_running_loop().create_future()
+        self._thread = threading.Thread(
+            target=self._beat_forever,
+            args=(conn, self._done),
+            name=f"asyncgrad-heartbeat-{self._endpoint.name}",
+        )
+        self._thread.daemon = True
+        self._thread.start()
+
+    async def stop(self) -> None:
+        """Stop refreshing (the key stays until it lapses or is deleted)."""
+        self._stop.set()
+        thread, done = self._thread, self._done
+        if thread is None or done is None:
+            return
+        # The thread resolves `done` as its last step; joining it then returns at once.
+        await asyncio.wait({done}, timeout=self._endpoint.settings.connect_timeout)
+        if done.done():
+            thread.join()
+        else:
+            logger.warning("event=heartbeat_stop_timeout agent=%s", self._endpoint.name)
+
+    def _beat(self, conn: SyncConnection) -> bool:
+        """Refresh the key; False if another run holds the name now."""
+        args = (self.key, self.token, self.value(), self._ttl_ms)
+        return bool(conn.execute("EVAL", SET_HEARTBEAT, 1, *args))
+
+    def _beat_forever(self, conn: SyncConnection | None, done: asyncio.Future[None]) -> None:
+        loop, name = done.get_loop(), self._endpoint.name
+        ours = True
+        try:
+            while not self._stop.wait(self._endpoint.settings.heartbeat_interval):
+                try:
+                    reconnected = conn is None
+                    if conn is None:
+                        conn = self._endpoint.open_sync("heartbeat")
+                    was_ours, ours = ours, self._beat(conn)
+                    if reconnected:
+                        logger.info("event=reconnected agent=%s role=heartbeat", name)
+                    if was_ours and not ours:
+                        # The key lapsed (Redis out of reach) and another agent took the
+                        # name meanwhile; its heartbeat is left alone until it leaves.
+                        logger.error("event=name_lost agent=%s", name)
+                except TransportError as e:
+                    logger.warning("event=heartbeat_failed agent=%s error=%s", name, e)
+                    if conn is not None:
+                        conn.close()
+                    conn = None
+            if conn is not None:
+                conn.close()
+        finally:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(_resolve, done)
+
+
+def _gone(holder: dict[str, str]) -> bool:
+    """Whether a heartbeat's holder was a process of this host that no longer exists."""
+    pid = holder.get("pid", "")
+    if holder.get("host") != socket.gethostname() or not pid.isdigit() or int(pid) <= 0:
+        return False  # elsewhere, or not ours to tell: only its TTL can say it is gone
+    try:
+        os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # it exists, as another user's process
+        return False
+    return False
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

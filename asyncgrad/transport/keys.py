@@ -1,0 +1,79 @@
+"""Every Redis key asyncgrad uses, built here and nowhere else, and the scripts about names.
+
+Each key carries the namespace and, for one agent's keys, a `{agent}` hash tag so that a
+Redis Cluster keeps them in one slot (the scripts below touch one agent's keys only).
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = [
+    "GROUP",
+    "LEAVE",
+    "REGISTER",
+    "SET_HEARTBEAT",
+    "check_name",
+    "dead_letters",
+    "heartbeat",
+    "inbox",
+    "registry",
+]
+
+GROUP = "asyncgrad"
+_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,100}")
+
+
+def check_name(kind: str, value: str) -> str:
+    """Agent names and namespaces: letters, digits, `_ . -` (they are part of key names)."""
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        raise ValueError(f"{kind} {value!r} must be 1-100 of the characters A-Z a-z 0-9 _ . -")
+    return value
+
+
+def inbox(namespace: str, agent: str) -> str:
+    return f"{namespace}:{{{agent}}}:inbox"
+
+
+def heartbeat(namespace: str, agent: str) -> str:
+    return f"{namespace}:{{{agent}}}:alive"
+
+
+def dead_letters(namespace: str, agent: str) -> str:
+    return f"{namespace}:{{{agent}}}:dead"
+
+
+def registry(namespace: str) -> str:
+    return f"{namespace}:registry"
+
+
+# Gives `name` the id it had before, else the smallest free one (ids stay below 2**16).
+REGISTER = """
+local id = redis.call('HGET', KEYS[1], 'n:' .. ARGV[1])
+if id then return tonumber(id) end
+for i = 0, 65535 do
+  if redis.call('HSETNX', KEYS[1], 'i:' .. i, ARGV[1]) == 1 then
+    redis.call('HSET', KEYS[1], 'n:' .. ARGV[1], i)
+    return i
+  end
+end
+return redis.error_reply('ERR no free agent id in this namespace')
+"""
+# Sets the heartbeat KEYS[1] if nobody holds it or its value starts with ARGV[1]: the
+# run's own token (a refresh), or the whole value of a holder found gone (a takeover).
+SET_HEARTBEAT = """
+local held = redis.call('GET', KEYS[1])
+if held and string.sub(held, 1, #ARGV[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 1
+"""
+# Leaving: unless another run (token ARGV[1]) holds the name now, its heartbeat KEYS[1]
+# goes, and its inbox KEYS[2] too if nothing waits in it (so a late message is never lost
+# silently).
+LEAVE = """
+local held = redis.call('GET', KEYS[1])
+if held and string.sub(held, 1, #ARGV[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+if redis.call('XLEN', KEYS[2]) == 0 then redis.call('DEL', KEYS[2]) end
+return 1
+"""

@@ -1,0 +1,258 @@
+"""The reading side of one agent's transport: its inbox, read through a consumer group.
+
+The reader connection waits in `XREADGROUP ... BLOCK`; each reply is handled in its
+callback (no task hop), and the next read leaves with what handling it wrote. An entry
+is acked and deleted once every message in it is `done`, so streams stay near empty; an
+entry that does not parse goes to the bounded dead-letter stream. After a reconnect the
+reader first re-reads its own pending entries (delivered but never acked), except those
+it is still handling, and dead-letters those delivered too often (a message that crashes
+us).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from asyncgrad.resp import Connection, ConnectionLost, ReplyError
+from asyncgrad.transport.connections import FIRST_RETRY_DELAY, Endpoint
+from asyncgrad.transport.keys import GROUP, inbox
+from asyncgrad.transport.writer import Writer
+
+__all__ = ["Inbound", "Reader"]
+
+logger = logging.getLogger(__name__)
+
+_MAX_DELIVERIES = 3
+
+
+class _Entry:
+    __slots__ = ("id", "remaining")
+
+    def __init__(self, entry_id: bytes, remaining: int) -> None:
+        self.id, self.remaining = entry_id, remaining
+
+
+class Inbound:
+    """One received message: its frames, and the stream entry it came in."""
+
+    __slots__ = ("entry", "frames")
+
+    def __init__(self, frames: list[bytes], entry: _Entry) -> None:
+        self.frames, self.entry = frames, entry
+
+
+class Reader:
+    """Reads the inbox and hands each batch to `deliver`; `done` acks what was handled.
+
+    `register` puts the agent in the registry (and returns its id) before the inbox is
+    touched, at start and after every reconnect.
+    """
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        writer: Writer,
+        deliver: Callable[[list[Inbound]], None],
+        register: Callable[[Connection], Awaitable[int]],
+    ) -> None:
+        self._endpoint = endpoint
+        self._writer = writer
+        self._deliver = deliver
+        self._register = register
+        self._inbox = inbox(endpoint.namespace, endpoint.name)
+        self.conn: Connection | None = None
+        self._closing = False
+        self._last_id = b"0"  # own pending entries first: delivered before, never acked
+        # Entries delivered to the layer above and not yet done: a re-read of the pending
+        # entries after a reconnect must not hand them over (or ack them) a second time.
+        self._in_flight: set[bytes] = set()
+        self._recovering: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Connect and prepare the inbox; reading begins with `read`."""
+        self.conn = await self._endpoint.open("reader")
+        await self._prepare(self.conn)
+
+    async def close(self) -> None:
+        self._closing = True
+        if self.conn is not None:
+            self.conn.close()
+        if self._recovering is not None:
+            self._recovering.cancel()
+            await asyncio.gather(self._recovering, return_exceptions=True)
+        # A recovery cancelled above may have opened a connection just before.
+        if self.conn is not None:
+            self.conn.close()
+            await self.conn.closed.wait()
+
+    def done(self, message: Inbound) -> None:
+        """The message is handled; its entry is acked and deleted when all of it is."""
+        entry = message.entry
+        entry.remaining -= 1
+        if entry.remaining == 0:
+            self._in_flight.discard(entry.id)
+            self._writer.ack(entry.id)
+
+    def dead_letter(self, message: Inbound, reason: str) -> None:
+        """Keep a message that could not be handled in the bounded dead-letter stream."""
+        fields = [b"m", message.frames[0]]
+        for frame in message.frames[1:]:
+            fields += [b"f", frame]
+        self._writer.dead_letter(message.entry.id, fields, reason)
+        self.done(message)
+
+    # *** reading ***
+
+    def read(self) -> None:
+        """Ask for the next entries; the reply arrives in `_on_read` (no task hop)."""
+        reader = self.conn
+        if self._closing:
+            return
+        if reader is None or not reader.is_open:
+            self._recover(ConnectionLost("reader not connected"))
+            return
+        settings = self._endpoint.settings
+        reader.command(
+            "XREADGROUP", "GROUP", GROUP, self._endpoint.name, "COUNT", settings.read_count,
+            "BLOCK", settings.block_ms, "STREAMS", self._inbox, self._last_id,
+            waiter=self._on_read,
+        )  # fmt: skip
+        reader.flush()
+
+    def _on_read(self, reply: Any) -> None:
+        if isinstance(reply, Exception):
+            self._recover(reply)
+            return
+        entries = reply[0][1] if reply else []
+        if self._last_id != b">":
+            self._last_id = entries[-1][0] if entries else b">"
+        if entries:
+            self._writer.via = self.conn
+            try:
+                self._receive(entries)
+                # Replies and acks the batch produced leave with the next read: one write.
+                self._writer.flush()
+            except Exception:
+                # The one place a failure to handle a batch ends: report it, keep serving.
+                logger.exception("event=receive_failed agent=%s", self._endpoint.name)
+            finally:
+                self._writer.via = None
+        self.read()
+
+    def _receive(self, entries: list[list[Any]]) -> None:
+        batch: list[Inbound] = []
+        for entry_id, fields in entries:
+            if entry_id in self._in_flight:
+                continue  # re-read after a reconnect while the layer above still handles it
+            messages = _split(fields) if fields else None
+            if messages is None:
+                if fields:  # a deleted entry still pending has no fields: just ack it
+                    reason = "entry is not a list of m/f fields"
+                    self._writer.dead_letter(entry_id, fields, reason)
+                self._writer.ack(entry_id)
+                continue
+            entry = _Entry(entry_id, len(messages))
+            self._in_flight.add(entry_id)
+            batch += [Inbound(frames, entry) for frames in messages]
+        if batch:
+            self._deliver(batch)
+
+    # *** recovery ***
+
+    async def _prepare(self, conn: Connection) -> int:
+        """Registry entry, inbox and group: idempotent, rerun after every reconnect (a
+        Redis restarted without persistence lost them); returns the agent's id.
+
+        Runs on the reader connection, which is idle between two reads.
+        """
+        agent_id = await self._register(conn)
+        try:
+            await conn.execute("XGROUP", "CREATE", self._inbox, GROUP, "0", "MKSTREAM")
+        except ReplyError as e:
+            if e.code != "BUSYGROUP":
+                raise
+        await self._reclaim(conn)
+        return agent_id
+
+    def _recover(self, error: Exception) -> None:
+        if self._closing or self._recovering is not None:
+            return
+        self._recovering = asyncio.get_running_loop().create_task(self._recover_reader(error))
+
+    async def _recover_reader(self, error: Exception) -> None:
+        """Reconnect the reader (or recreate a lost inbox), then read pending entries again."""
+        name, settings = self._endpoint.name, self._endpoint.settings
+        try:
+            if isinstance(error, ReplyError):
+                # NOGROUP: Redis lost the inbox (restarted without persistence). Anything
+                # else (LOADING, MISCONF, ...) is transient or needs an operator: retry.
+                logger.warning("event=read_failed agent=%s error=%s", name, error)
+                # UNBLOCKED: the inbox was deleted under a blocked read (Redis 7).
+                if error.code not in ("NOGROUP", "UNBLOCKED"):
+                    await asyncio.sleep(settings.reconnect_max_delay)  # retry timer
+            delay, agent_id = FIRST_RETRY_DELAY, -1
+            while not self._closing:
+                reader = self.conn
+                if reader is None or not reader.is_open:
+                    reader = self.conn = await self._endpoint.open_with_backoff("reader")
+                try:
+                    agent_id = await self._prepare(reader)
+                    break
+                except (ReplyError, ConnectionLost) as e:
+                    logger.warning(
+                        "event=prepare_failed agent=%s retry_in=%.2fs error=%s", name, delay, e
+                    )
+                    reader.close()
+                    # Backoff timer: a Redis that keeps refusing is not asked in a tight loop.
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, settings.reconnect_max_delay)
+            logger.info("event=reader_recovered agent=%s id=%d", name, agent_id)
+        finally:
+            self._recovering = None
+        self._last_id = b"0"
+        self.read()
+
+    async def _reclaim(self, conn: Connection) -> None:
+        """Dead-letter own pending entries delivered too often (a message that crashes us).
+
+        Entries this reader is still handling count as delivered once, however often a
+        reconnect re-read them.
+        """
+        pending = await conn.execute(
+            "XPENDING", self._inbox, GROUP, "-", "+", 1000, self._endpoint.name
+        )
+        poisoned = [
+            p[0] for p in pending if int(p[3]) >= _MAX_DELIVERIES and p[0] not in self._in_flight
+        ]
+        for entry_id in poisoned:
+            found = await conn.execute("XRANGE", self._inbox, entry_id, entry_id)
+            fields = found[0][1] if found and found[0][1] else []
+            reason = f"delivered {_MAX_DELIVERIES} times, never acked"
+            # Acked here, before the pending entries are read again, so none comes back.
+            await conn.execute(*self._writer.dead_letter_command(entry_id, fields, reason))
+            await conn.execute("XACK", self._inbox, GROUP, entry_id)
+            await conn.execute("XDEL", self._inbox, entry_id)
+        if pending:
+            logger.info(
+                "event=reclaimed agent=%s pending=%d dead_lettered=%d",
+                self._endpoint.name, len(pending), len(poisoned),
+            )  # fmt: skip
+
+
+def _split(fields: list[bytes]) -> list[list[bytes]] | None:
+    """The messages of one entry, or None if the fields are not `m`/`f` pairs."""
+    if len(fields) % 2 or fields[0] != b"m":
+        return None
+    messages: list[list[bytes]] = []
+    for i in range(0, len(fields), 2):
+        kind, value = fields[i], fields[i + 1]
+        if kind == b"m":
+            messages.append([value])
+        elif kind == b"f":
+            messages[-1].append(value)
+        else:
+            return None
+    return messages

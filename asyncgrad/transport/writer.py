@@ -1,0 +1,215 @@
+"""The writing side of one agent's transport: messages out, acks, dead letters, resends.
+
+Messages are lists of frames; all the messages sent to one inbox in one event-loop tick
+travel in one stream entry (fields `m` for a message's first frame, `f` for each further
+frame). A write lost with its connection is sent again once the writer is back, which
+may store a message twice: the layer above drops such duplicates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from asyncgrad.errors import TransportError
+from asyncgrad.resp import Arg, Connection, ConnectionLost
+from asyncgrad.transport.connections import Endpoint
+from asyncgrad.transport.keys import GROUP, dead_letters, inbox
+
+__all__ = ["InboxMissing", "Writer"]
+
+logger = logging.getLogger(__name__)
+
+_MAX_PER_ENTRY = 256
+_DEAD_LETTER_MAXLEN = 1000
+_DEAD_LETTER_FIELD_BYTES = 64 * 1024
+_DEAD_LETTER_NAME_BYTES = 256
+_DEAD_LETTER_FIELDS = 64
+
+
+class InboxMissing(TransportError):
+    """The destination's inbox does not exist: that agent never started or left."""
+
+
+class Writer:
+    """The writer connection and what goes over it; reconnects at once when it is lost.
+
+    While a batch just read is handled, `via` is the reader connection: it is idle until
+    its next XREADGROUP, so what the handlers write goes ahead of that, in the same write.
+    """
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self._endpoint = endpoint
+        self._inbox = inbox(endpoint.namespace, endpoint.name)
+        self.conn: Connection | None = None
+        self.via: Connection | None = None
+        self.closed = False  # gave up on the writer: no more resends
+        self._outbox: dict[str, list[tuple[list[bytes | memoryview], asyncio.Future[None]]]] = {}
+        self._acks: list[bytes] = []
+        self._backlog: list[tuple[tuple[Arg, ...], Callable[[Any], None] | None]] = []
+        self._flush_handle: asyncio.Handle | None = None
+        self._reconnecting: asyncio.Task[None] | None = None
+
+    async def connect(self) -> None:
+        self.conn = await self._endpoint.open("writer", self._on_lost)
+
+    async def close(self) -> None:
+        """Give up: what still waits for the writer fails now, with the futures of its sends."""
+        self.closed = True
+        if self._reconnecting is not None:
+            self._reconnecting.cancel()
+            await asyncio.gather(self._reconnecting, return_exceptions=True)
+        self.flush()
+        backlog, self._backlog = self._backlog, []
+        for _, on_reply in backlog:
+            if on_reply is not None:
+                on_reply(ConnectionLost("transport closed before Redis was reachable again"))
+        # A reconnect cancelled above may have opened a connection just before.
+        if self.conn is not None:
+            self.conn.close()
+            await self.conn.closed.wait()
+
+    # *** what goes out ***
+
+    def send(self, dest: str, frames: list[bytes | memoryview]) -> asyncio.Future[None]:
+        """Queue a message for `dest`'s inbox; the future resolves once Redis stored it."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._outbox.setdefault(dest, []).append((frames, future))
+        self._schedule_flush()
+        return future
+
+    def ack(self, entry_id: bytes) -> None:
+        """Ack and delete an entry of this agent's inbox."""
+        self._acks.append(entry_id)
+        self._schedule_flush()
+
+    def dead_letter(self, entry_id: bytes, fields: list[bytes], reason: str) -> None:
+        self._write(self.dead_letter_command(entry_id, fields, reason), self._log_failure)
+
+    def dead_letter_command(
+        self, entry_id: bytes, fields: list[bytes], reason: str
+    ) -> tuple[Arg, ...]:
+        """Fields keep their order as `orig-NAME VALUE`, each cut short, and at most 64."""
+        logger.warning(
+            "event=dead_letter agent=%s entry=%s reason=%s", self._endpoint.name, entry_id, reason
+        )
+        pairs = len(fields) // 2
+        kept: list[Arg] = []
+        for i in range(0, 2 * min(pairs, _DEAD_LETTER_FIELDS), 2):
+            name, value = fields[i][:_DEAD_LETTER_NAME_BYTES], fields[i + 1]
+            kept += [b"orig-" + bytes(name), bytes(value[:_DEAD_LETTER_FIELD_BYTES])]
+        key = dead_letters(self._endpoint.namespace, self._endpoint.name)
+        args = ("XADD", key, "MAXLEN", "~", _DEAD_LETTER_MAXLEN, "*", "reason", reason[:1024])
+        return (*args, "entry", entry_id, "fields", pairs, *kept)
+
+    def _schedule_flush(self) -> None:
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write what is queued now, instead of at the end of this loop tick."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        outbox, self._outbox = self._outbox, {}
+        for dest, queued in outbox.items():
+            for start in range(0, len(queued), _MAX_PER_ENTRY):
+                batch = queued[start : start + _MAX_PER_ENTRY]
+                stream = inbox(self._endpoint.namespace, dest)
+                args: list[Arg] = ["XADD", stream, "NOMKSTREAM", "*"]
+                for frames, _ in batch:
+                    args += [b"m", frames[0]]
+                    for frame in frames[1:]:
+                        args += [b"f", frame]
+                self._write(tuple(args), self._stored(dest, [f for _, f in batch]))
+        if self._acks:
+            ids, self._acks = self._acks, []
+            self._write(("XACK", self._inbox, GROUP, *ids), self._log_failure)
+            self._write(("XDEL", self._inbox, *ids), self._log_failure)
+        if self.conn is not None and self.via is None:
+            self.conn.flush()
+
+    def _stored(self, dest: str, futures: list[asyncio.Future[None]]) -> Callable[[Any], None]:
+        namespace = self._endpoint.namespace
+
+        def on_reply(reply: Any) -> None:
+            error: Exception | None = None
+            if reply is None:
+                error = InboxMissing(f"agent {dest!r} has no inbox in namespace {namespace!r}")
+            elif isinstance(reply, Exception):
+                error = reply
+            for future in futures:
+                if not future.done():
+                    if error is None:
+                        future.set_result(None)
+                    else:
+                        future.set_exception(error)
+
+        return on_reply
+
+    def _write(self, args: tuple[Arg, ...], on_reply: Callable[[Any], None] | None) -> None:
+        """Send a command; if the connection drops first, send it again after reconnecting.
+
+        Resending may store a message twice; receivers drop duplicates by message id.
+        """
+
+        def retry_on_loss(reply: Any) -> None:
+            if isinstance(reply, ConnectionLost) and not self.closed:
+                self._write(args, on_reply)
+            elif on_reply is not None:
+                on_reply(reply)
+
+        conn = self.via if self.via is not None and self.via.is_open else self.conn
+        if conn is not None and conn.is_open:
+            conn.command(*args, waiter=retry_on_loss)
+        elif self.closed:
+            retry_on_loss(ConnectionLost("transport closed"))
+        else:
+            self._backlog.append((args, retry_on_loss))
+            self._reconnect()
+
+    def _log_failure(self, reply: Any) -> None:
+        if isinstance(reply, Exception):
+            logger.warning("event=write_failed agent=%s error=%s", self._endpoint.name, reply)
+
+    # *** the connection ***
+
+    async def ready(self) -> Connection:
+        """The writer; while it reconnects, waits for it (up to `connect_timeout`)."""
+        if self.closed:
+            raise TransportError(f"the transport of agent {self._endpoint.name!r} is closed")
+        if self.conn is None or not self.conn.is_open:
+            self._reconnect()
+            if (reconnecting := self._reconnecting) is not None:
+                timeout = self._endpoint.settings.connect_timeout
+                await asyncio.wait({reconnecting}, timeout=timeout)
+        if self.conn is None or not self.conn.is_open:
+            address = self._endpoint.address
+            raise TransportError(f"Redis at {address} is unreachable (reconnecting)")
+        return self.conn
+
+    def _on_lost(self, conn: Connection) -> None:
+        # Reconnect at once, not at the next write: queries wait for the writer too.
+        if conn is self.conn:
+            self._reconnect()
+
+    def _reconnect(self) -> None:
+        if self._reconnecting is None and not self.closed:
+            self._reconnecting = asyncio.get_running_loop().create_task(self._reconnect_writer())
+
+    async def _reconnect_writer(self) -> None:
+        try:
+            conn = None
+            while conn is None or not conn.is_open:  # lost again before it was used
+                conn = self.conn = await self._endpoint.open_with_backoff("writer", self._on_lost)
+            logger.info(
+                "event=reconnected agent=%s role=writer resend=%d",
+                self._endpoint.name, len(self._backlog),
+            )  # fmt: skip
+            backlog, self._backlog = self._backlog, []
+            for args, on_reply in backlog:
+                conn.command(*args, waiter=on_reply)
+        finally:
+            self._reconnecting = None
