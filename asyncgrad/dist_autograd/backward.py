@@ -15,8 +15,10 @@ edge of the context; each worker drops the pass (and undoes its gradients) once.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -54,11 +56,11 @@ class Pass:
         self.sends = dict(ctx.sends)
         self.recvs = dict(ctx.recvs)
         self.children: set[str] = set()
-        self.unstored = 0
+        self.unstored: Counter[str] = Counter()  # gradients sent, per peer, not yet stored
+        self.fresh: Counter[str] = Counter()  # of those, posted since this worker last woke
         self.result: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.started = time.monotonic()
         self.task: GraphTask | None = None
-        self.watch: asyncio.Future[None] | None = None
         self.over = False
 
     # *** running ***
@@ -67,6 +69,7 @@ class Pass:
         """Count dependencies, answer unreached receives, spread the start, seed the roots."""
         ctx = self.ctx
         ctx.passes[self.id] = self
+        self.fresh.clear()
         starts = [edge for edge, _ in roots] + list(self.sends.values())
         nodes = [e[0] if type(e) is tuple else e for e in starts]
         self.task = GraphTask(
@@ -80,7 +83,7 @@ class Pass:
             self.children.add(peer)
             start = {"c": ctx.id, "p": self.id, "r": self.retain}
             self._post(peer, Kind.PASS_START, start, counted=False)
-        self.watch = asyncio.ensure_future(self._watch_peers())
+        self.contexts.watch(self)
         for edge, grad in roots:
             if isinstance(edge, Tensor):  # a leaf as a root
                 self.task._collect(edge, grad)
@@ -94,6 +97,7 @@ class Pass:
 
     def receive(self, sender: str, kind: Kind, payload: Any) -> None:
         """A GRAD for one of our sends, or a child's DONE."""
+        self.fresh.clear()
         if kind is Kind.PASS_DONE:
             self.children.discard(sender)
         else:
@@ -112,13 +116,15 @@ class Pass:
     def _post(self, peer: str, kind: Kind, payload: Any, counted: bool) -> None:
         stored = self.contexts.post(peer, kind, payload)
         if counted:
-            self.unstored += 1
-            stored.add_done_callback(self._stored)
+            self.unstored[peer] += 1
+            self.fresh[peer] += 1
+            stored.add_done_callback(functools.partial(self._stored, peer))
         else:
             stored.add_done_callback(self._started)
 
-    def _stored(self, stored: asyncio.Future[None]) -> None:
-        self.unstored -= 1
+    def _stored(self, peer: str, stored: asyncio.Future[None]) -> None:
+        self.unstored[peer] -= 1
+        self.fresh[peer] = min(self.fresh[peer], self.unstored[peer])
         self._started(stored)
         self.check()
 
@@ -128,8 +134,21 @@ class Pass:
             self.fail(WorkerUnavailable(f"backward could not reach a worker: {error}"))
 
     def check(self) -> None:
-        """Finish once the engine drained, our gradients are stored and children answered."""
-        if self.over or self.task is None or not self.task.done or self.unstored or self.children:
+        """Finish once the engine drained, our gradients are stored and children answered.
+
+        Gradients still on their way count as stored when they all go to the parent and
+        were posted in this same turn: DONE then leaves in the same stream entry, after
+        them, which saves the parent a wait for one more message.
+        """
+        if self.over or self.task is None or not self.task.done or self.children:
+            return
+        waiting = {peer for peer, n in self.unstored.items() if n}
+        parent = self.parent
+        if waiting and not (
+            parent is not None
+            and waiting == {parent}
+            and self.unstored[parent] == self.fresh[parent]
+        ):
             return
         ctx = self.ctx
         grads: dict[Tensor, Array] = self.task.leaf_grads  # type: ignore[assignment]
@@ -153,8 +172,7 @@ class Pass:
         self.ctx.ended.add(self.id)
         for node in self.recvs.values():
             node.ship = None
-        if self.watch is not None:
-            self.watch.cancel()
+        self.contexts.unwatch(self)
 
     def fail(self, error: BaseException, *, spread: bool = True) -> None:
         """Drop this pass here (undoing its gradients) and, if `spread`, on every peer."""
@@ -170,22 +188,6 @@ class Pass:
             self.result.exception()  # only the caller's pass has someone awaiting it
         if spread:
             abort(self.contexts, ctx, self.id, error, None)
-
-    async def _watch_peers(self) -> None:
-        """Fail the pass when a worker this one exchanged tensors with stops heartbeating."""
-        agent = self.agent
-        period = agent.failure_timeout * 0.2
-        while not self.over:
-            await asyncio.sleep(period)  # the checking period, not a wait for an event
-            peers = sorted(self.ctx.peers - {agent.name})
-            if not peers:
-                continue
-            alive = await agent.alive(peers)
-            dead = [p for p, ok in zip(peers, alive, strict=True) if not ok]
-            if dead and not self.over:
-                self.fail(
-                    WorkerUnavailable(f"worker {dead[0]!r} stopped heartbeating during backward")
-                )
 
 
 def abort(
@@ -237,7 +239,10 @@ def handle(contexts: Contexts, sender: str, kind: Kind, payload: Any) -> None:
         logger.warning("event=bad_autograd_message from=%s error=%s", sender, e)
         return
     if kind is Kind.CONTEXT_RELEASE:
-        contexts.release(ctx_id, came_from=sender)
+        released = payload.get("r", [ctx_id])
+        for released_id in released if isinstance(released, list) else ():
+            if isinstance(released_id, int):
+                contexts.release(released_id, came_from=sender)
         return
     ctx = contexts.by_id.get(ctx_id)
     pass_id = payload.get("p")

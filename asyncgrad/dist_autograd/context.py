@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from asyncgrad.errors import ContextError
+from asyncgrad.errors import ContextError, WorkerUnavailable
 from asyncgrad.graph import Array, is_grad_enabled
 from asyncgrad.rpc import Agent, current_agent
 from asyncgrad.rpc.messages import Header, Kind, MessageError, require
@@ -38,6 +38,7 @@ _current_context: contextvars.ContextVar[int | None] = contextvars.ContextVar(
     "asyncgrad_autograd_context", default=None
 )
 DEFAULT_EXPIRY = 600.0  # seconds a context nobody touches is kept
+RELEASE_DELAY = 0.05  # seconds a release waits for a message to ride on before it goes alone
 
 
 @dataclass(eq=False)
@@ -81,6 +82,10 @@ class Contexts:
         self._message_ids = itertools.count(1)
         self._pass_ids = itertools.count(secrets.randbits(24) << 8)
         self._sweeper: asyncio.TimerHandle | None = None
+        self._releases: dict[str, list[int]] = {}  # peer -> contexts released, news not sent
+        self._release_timer: asyncio.TimerHandle | None = None
+        self._running: set[Pass] = set()
+        self._watcher: asyncio.Task[None] | None = None
 
     # *** contexts ***
 
@@ -102,14 +107,27 @@ class Contexts:
         return (self.agent.id << 48) | (next(self._pass_ids) & ((1 << 48) - 1))
 
     def release(self, ctx_id: int, came_from: str | None = None) -> None:
-        """Drop a context here and tell every peer it reached (each passes it on once)."""
+        """Drop a context here and tell every peer it reached (each passes it on once).
+
+        The news rides on the next call or reply to that peer, or leaves on its own after
+        `RELEASE_DELAY`: a loop of short contexts then sends no release messages at all.
+        """
         ctx = self.by_id.pop(ctx_id, None)
         if ctx is None:
             return
         for p in list(ctx.passes.values()):
             p.fail(ContextError(f"context {ctx_id} was released during backward"), spread=False)
         for peer in ctx.peers - {came_from, self.agent.name}:
-            self.post(peer, Kind.CONTEXT_RELEASE, {"c": ctx_id})
+            self._releases.setdefault(peer, []).append(ctx_id)
+        if self._releases and self._release_timer is None:
+            loop = asyncio.get_running_loop()
+            self._release_timer = loop.call_later(RELEASE_DELAY, self._flush_releases)
+
+    def _flush_releases(self) -> None:
+        self._release_timer = None
+        pending, self._releases = self._releases, {}
+        for peer, ids in pending.items():
+            self.post(peer, Kind.CONTEXT_RELEASE, {"c": 0, "r": ids}).add_done_callback(_unsent)
 
     def _schedule_sweep(self) -> None:
         if self._sweeper is None and self.by_id:
@@ -125,7 +143,41 @@ class Contexts:
             self.by_id.pop(ctx.id, None)
         self._schedule_sweep()
 
+    # *** liveness during passes ***
+
+    def watch(self, running: Pass) -> None:
+        self._running.add(running)
+        if self._watcher is None:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    def unwatch(self, running: Pass) -> None:
+        self._running.discard(running)
+
+    async def _watch(self) -> None:
+        """Fail a running pass when a worker its context reached stops heartbeating."""
+        period = self.agent.failure_timeout * 0.2
+        try:
+            while self._running:
+                await asyncio.sleep(period)  # the checking period, not a wait for an event
+                peers = sorted({p for r in self._running for p in r.ctx.peers} - {self.agent.name})
+                if not peers:
+                    continue
+                alive = await self.agent.alive(peers)
+                dead = {p for p, ok in zip(peers, alive, strict=True) if not ok}
+                for running in [r for r in self._running if r.ctx.peers & dead]:
+                    lost = sorted(running.ctx.peers & dead)[0]
+                    running.fail(
+                        WorkerUnavailable(f"worker {lost!r} stopped heartbeating during backward")
+                    )
+        finally:
+            self._watcher = None
+
     def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+        if self._release_timer is not None:
+            self._release_timer.cancel()
+        self._flush_releases()
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
@@ -137,27 +189,33 @@ class Contexts:
     # *** the RPC seam ***
 
     def outgoing(self, agent: Agent, dest: str, tensors: list[Tensor]) -> Any:
+        """[context id, message id, contexts released] for a call or reply (or None)."""
+        released = self._releases.pop(dest, [])
         ctx_id = _current_context.get()
         if ctx_id is None:
-            return None
+            return [0, 0, released] if released else None
         ctx = self.by_id.get(ctx_id)
         if ctx is None:
             raise ContextError(f"context {ctx_id} was released; calls in it cannot be recorded")
         ctx.peers.add(dest)
         ctx.touch()
-        if not tensors or not is_grad_enabled():
-            return [ctx_id, 0]
-        message_id = next(self._message_ids)
-        ctx.sends[(dest, message_id)] = SendRpcBackward(dest, message_id, tensors)
-        return [ctx_id, message_id]
+        message_id = 0
+        if tensors and is_grad_enabled():
+            message_id = next(self._message_ids)
+            ctx.sends[(dest, message_id)] = SendRpcBackward(dest, message_id, tensors)
+        return [ctx_id, message_id, released]
 
     def incoming(
         self, agent: Agent, sender: str, record: Any, tensors: list[Tensor], call: bool
     ) -> None:
         require(record, list, "context record")
-        if len(record) != 2:
-            raise MessageError("a context record is [context id, message id]")
+        if len(record) != 3:
+            raise MessageError("a context record is [context id, message id, released ids]")
         ctx_id, message_id = require(record[0], int, "context"), require(record[1], int, "msg")
+        for released in require(record[2], list, "released"):
+            self.release(require(released, int, "released id"), came_from=sender)
+        if not ctx_id:
+            return
         ctx = self.by_id.get(ctx_id)
         if ctx is None:
             ctx = self.by_id[ctx_id] = Context(ctx_id)
@@ -173,10 +231,13 @@ class Contexts:
                 t.grad_fn, t.output_nr, t.requires_grad = node, i, True
 
     def unsent(self, agent: Agent, dest: str, record: Any) -> None:
-        """A recorded message never reached `dest`: forget its send, or a pass would wait."""
-        ctx = self.by_id.get(record[0]) if isinstance(record, list) and record else None
+        """A recorded message never reached `dest`: forget its send, or a pass would wait;
+        the releases it carried go with the next message."""
+        ctx = self.by_id.get(record[0])
         if ctx is not None:
             ctx.sends.pop((dest, record[1]), None)
+        if record[2]:
+            self._releases.setdefault(dest, []).extend(record[2])
 
     def handle(self, agent: Agent, header: Header, payload: Any) -> None:
         from .backward import handle
@@ -188,6 +249,12 @@ class Contexts:
 
     def open_contexts(self) -> int:
         return len(self.by_id)  # asked from the heartbeat's thread: len() of a dict is safe
+
+
+def _unsent(stored: asyncio.Future[None]) -> None:
+    # A peer that left cannot be told; its contexts went with it.
+    if not stored.cancelled() and stored.exception() is not None:
+        logger.debug("event=release_unsent error=%s", stored.exception())
 
 
 def contexts_of(agent: Agent) -> Contexts:
