@@ -2,18 +2,34 @@
 
 A message travels as frames: `[header, payload, *buffers]`. The header (`Header`) is
 decoded first and alone, so a duplicate is dropped before its payload (which may hold
-RRefs that count as references) is ever decoded.
+RRefs that count as references) is ever decoded. `MessageCodec` makes and reads them.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from asyncgrad.codec import Codec, Extension
 from asyncgrad.errors import CodecError
+from asyncgrad.rpc.rref import RRef
+from asyncgrad.tensor import Tensor
 
-__all__ = ["Call", "Header", "Kind", "MessageError", "Reply", "RRefUpdates", "require"]
+__all__ = [
+    "Call",
+    "Header",
+    "Kind",
+    "MessageCodec",
+    "MessageError",
+    "Reply",
+    "RRefUpdates",
+    "require",
+]
+
+_HEADER_LIMIT = 64 * 1024
+_TENSOR, _PARAMETER, _RREF = 16, 17, 18  # extension codes: append only, never reorder
 
 
 class MessageError(CodecError):
@@ -159,3 +175,73 @@ class RRefUpdates:
             ):
                 raise MessageError("an rref update is (id, holder, delta)")
         return cls(updates)
+
+
+class MessageCodec:
+    """One agent's headers and payloads to frames and back.
+
+    Tensors (and parameters) travel as `(array, requires_grad)`; RRefs as what the agent's
+    `rref_to_wire` makes of them. While one payload is encoded or decoded (both
+    synchronous), the tensors in it that require grad are collected for autograd's seam.
+    """
+
+    def __init__(
+        self,
+        max_size: int,
+        rref_to_wire: Callable[[RRef[Any]], Any],
+        rref_from_wire: Callable[[Any], RRef[Any]],
+    ) -> None:
+        to_wire, from_wire = self._tensor_to_wire, self._tensor_from_wire
+        self._payloads = Codec(
+            max_size=max_size,
+            extensions=[
+                Extension(_TENSOR, Tensor, to_wire, from_wire),
+                Extension(_PARAMETER, _parameter_type(), to_wire, from_wire),
+                Extension(_RREF, RRef, rref_to_wire, rref_from_wire),
+            ],
+        )
+        self._headers = Codec(max_size=_HEADER_LIMIT)
+        self._tensors: list[Tensor] = []
+
+    def encode_header(self, header: Header) -> bytes:
+        return self._headers.encode(header.to_wire())
+
+    def decode_header(self, frame: bytes) -> Header:
+        return Header.from_wire(self._headers.decode(frame))
+
+    def encode_payload(self, payload: Any) -> tuple[list[bytes | memoryview], list[Tensor]]:
+        """The payload's frames, and the tensors in it that require grad."""
+        self._tensors = []
+        try:
+            return self._payloads.encode_frames(payload), self._tensors
+        finally:
+            self._tensors = []
+
+    def decode_payload(self, frames: Sequence[bytes | memoryview]) -> tuple[Any, list[Tensor]]:
+        """The payload, and the tensors in it that require grad."""
+        self._tensors = []
+        try:
+            return self._payloads.decode_frames(frames), self._tensors
+        finally:
+            self._tensors = []
+
+    def _tensor_to_wire(self, t: Tensor) -> tuple[Any, bool]:
+        if t.requires_grad:
+            self._tensors.append(t)
+        return (t.data, t.requires_grad)
+
+    def _tensor_from_wire(self, wire: Any) -> Tensor:
+        if not (isinstance(wire, tuple) and len(wire) == 2 and isinstance(wire[1], bool)):
+            raise MessageError("a tensor is (array, requires_grad)")
+        data, requires_grad = wire
+        t = Tensor._make(data)
+        if requires_grad:
+            t.requires_grad_(True)
+            self._tensors.append(t)
+        return t
+
+
+def _parameter_type() -> type:
+    from asyncgrad.nn import Parameter
+
+    return Parameter

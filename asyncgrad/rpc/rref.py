@@ -118,7 +118,7 @@ class RRef(Generic[T]):
         if owner == agent.name and not counted:
             agent._rrefs.add(rref_id, owner, +1)
         elif owner != agent.name:
-            agent._held_from[owner] += 1
+            agent._references.held_from[owner] += 1
 
     def is_owner(self) -> bool:
         return self.owner == self._agent.name
@@ -163,7 +163,7 @@ class RRef(Generic[T]):
     def __del__(self) -> None:
         if not getattr(self, "_released", True):
             self._released = True
-            self._agent._release_rref(self.owner, self.id)
+            self._agent._references.release(self.owner, self.id)
 
 
 class _Proxy:

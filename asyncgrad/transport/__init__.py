@@ -155,6 +155,10 @@ class Transport:
             raise TransportError(f"the transport of agent {self.name!r} is closed")
         return self._writer.send(dest, frames)
 
+    def post(self, dest: str, frames: list[bytes | memoryview]) -> None:
+        """`send`, for a message nobody waits for: a failure to store it is only logged."""
+        self.send(dest, frames).add_done_callback(_log_unstored)
+
     def done(self, message: Inbound) -> None:
         """The message is handled; its entry is acked and deleted when all of it is."""
         self._reader.done(message)
@@ -180,3 +184,11 @@ class Transport:
         flat = await self.execute("HGETALL", registry(self.namespace))
         pairs = zip(flat[::2], flat[1::2], strict=True)
         return {k[2:].decode(): int(v) for k, v in pairs if k.startswith(b"n:")}
+
+
+def _log_unstored(stored: asyncio.Future[None]) -> None:
+    if stored.cancelled() or (error := stored.exception()) is None:
+        return
+    # A receiver that left needs nobody's answer or notice: expected, so not a warning.
+    level = logging.DEBUG if isinstance(error, InboxMissing) else logging.WARNING
+    logger.log(level, "event=send_failed error=%s", error)

@@ -59,6 +59,7 @@ class Heartbeat:
         self._done: asyncio.Future[None] | None = None
 
     def value(self) -> str:
+        """What the key holds now."""
         agent_id, contexts = self._agent_id(), self._open_contexts()
         return (
             f"{self.token}id={agent_id} pid={os.getpid()} host={socket.gethostname()} "

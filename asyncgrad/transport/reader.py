@@ -77,6 +77,7 @@ class Reader:
         await self._prepare(self.conn)
 
     async def close(self) -> None:
+        """Stop reading; unacked entries stay pending, for the next run under this name."""
         self._closing = True
         if self.conn is not None:
             self.conn.close()

@@ -53,6 +53,7 @@ class Writer:
         self._reconnecting: asyncio.Task[None] | None = None
 
     async def connect(self) -> None:
+        """The first connection: `ConnectionLost` if Redis cannot be reached now."""
         self.conn = await self._endpoint.open("writer", self._on_lost)
 
     async def close(self) -> None:

@@ -1,0 +1,141 @@
+"""The calls an agent makes: each one's message out, its wait for the reply, its end.
+
+A call ends with the reply's value or error, with `RPCTimeout` when its timeout (which
+bounds the whole call) runs out, or with `WorkerUnavailable` when the callee has no
+inbox or stops heartbeating meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from asyncgrad.errors import CodecError, RemoteError, RpcError, RPCTimeout, WorkerUnavailable
+from asyncgrad.rpc.messages import Call, Header, Kind, Reply
+from asyncgrad.transport import Inbound, InboxMissing
+
+if TYPE_CHECKING:
+    from asyncgrad.rpc.agent import Agent
+
+__all__ = ["Calls"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Pending:
+    future: asyncio.Future[Any]
+    dest: str
+    fn: str
+
+
+class Calls:
+    """The calls one agent made and still waits for, by message id."""
+
+    def __init__(self, agent: Agent) -> None:
+        self._agent = agent
+        self._pending: dict[int, _Pending] = {}
+
+    async def make(self, to: str, call: Call, timeout: float | None) -> Any:
+        """Send `call` to `to` and return the reply's value (or raise its error)."""
+        self._agent._check_running()
+        if call.kwargs is not None and not (
+            isinstance(call.kwargs, dict) and all(isinstance(k, str) for k in call.kwargs)
+        ):
+            raise TypeError(f"kwargs must be a dict with str keys, not {call.kwargs!r}")
+        what = call.fn or f"rref {call.target}.{call.method or 'to_here'}"
+        limit = self._agent.rpc_timeout if timeout is None else timeout
+        # One deadline for the whole call: the liveness check and the announcement of
+        # passed-on RRefs wait for Redis too, and a caller's timeout bounds all of it.
+        deadline = asyncio.timeout(limit)
+        try:
+            async with deadline:
+                return await self._make_within(to, call, what)
+        except TimeoutError:
+            if deadline.expired():
+                raise RPCTimeout(f"{what} on {to!r} got no reply within {limit} s") from None
+            raise
+
+    async def _make_within(self, to: str, call: Call, what: str) -> Any:
+        agent = self._agent
+        await agent._liveness.ensure_alive(to)
+        header_id = next(agent._ids)
+        frames, record = agent._encode(to, Kind.CALL, header_id, call.to_wire())
+        sent = False
+        try:
+            await agent._references.announce_forks(agent._references.take_passed())
+            future = asyncio.get_running_loop().create_future()
+            self._pending[header_id] = _Pending(future, to, what)
+            agent._liveness.wanted.set()
+            stored = agent._transport.send(to, frames)
+            sent = True
+            stored.add_done_callback(functools.partial(self._on_stored, header_id))
+            return await future
+        except BaseException as e:
+            # A recorded send that never reached its callee must not leave a pass waiting
+            # for its gradient: failed, cancelled or timed out before it left, or refused.
+            never_arrived = not sent or isinstance(e, WorkerUnavailable)
+            never_arrived |= isinstance(e, RemoteError) and e.remote_type == "CodecError"
+            if record is not None and agent.seam is not None and never_arrived:
+                agent.seam.unsent(agent, to, record)
+            raise
+        finally:
+            self._pending.pop(header_id, None)
+
+    def _on_stored(self, call_id: int, stored: asyncio.Future[None]) -> None:
+        pending = self._pending.get(call_id)
+        if pending is None or stored.cancelled() or stored.exception() is None:
+            return
+        error: BaseException | None = stored.exception()
+        if isinstance(error, InboxMissing):
+            error = WorkerUnavailable(f"no worker named {pending.dest!r} is serving: {error}")
+        _fail(pending.future, error or RpcError("send failed"))
+
+    def on_reply(self, header: Header, message: Inbound) -> None:
+        agent = self._agent
+        try:
+            payload, tensors = agent._decode(message)
+            reply = Reply.from_wire(payload)
+        except CodecError as e:
+            agent._transport.dead_letter(message, f"bad reply: {e}")
+            pending = self._pending.get(header.reply_to)
+            if pending is not None:
+                _fail(pending.future, e)
+            return
+        agent._transport.done(message)
+        if header.context is not None and agent.seam is not None:
+            agent.seam.incoming(agent, header.sender, header.context, tensors, False)
+        pending = self._pending.get(header.reply_to)
+        if pending is None:
+            logger.debug("event=late_reply call=%d from=%s", header.reply_to, header.sender)
+            return
+        if reply.error is None:
+            if not pending.future.done():
+                pending.future.set_result(reply.value)
+            return
+        kind, text, tb = reply.error
+        _fail(pending.future, RemoteError(kind, text, worker=header.sender, remote_traceback=tb))
+
+    # *** for liveness and shutdown ***
+
+    def callees(self) -> set[str]:
+        """The agents calls wait for."""
+        return {p.dest for p in self._pending.values()}
+
+    def waiting(self) -> list[asyncio.Future[Any]]:
+        """The futures of the calls in flight (a graceful shutdown waits for them)."""
+        return [p.future for p in self._pending.values()]
+
+    def fail(self, error: BaseException, dest: str | None = None) -> None:
+        """End the calls to `dest` (None: all calls) with `error`."""
+        for pending in self._pending.values():
+            if dest is None or pending.dest == dest:
+                _fail(pending.future, error)
+
+
+def _fail(future: asyncio.Future[Any], error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)
