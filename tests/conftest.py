@@ -8,6 +8,7 @@ import logging
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -129,6 +130,11 @@ def gone_pid() -> int:
     child = subprocess.Popen(["true"])
     child.wait(DEADLINE)
     return child.pid
+
+
+def here() -> str:
+    """The `host=... pidns=...` of a heartbeat set by a process of this host, as in ours."""
+    return f"host={socket.gethostname()} pidns={os.stat('/proc/self/ns/pid').st_ino}"
 
 
 @pytest.fixture

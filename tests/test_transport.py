@@ -34,7 +34,7 @@ from asyncgrad.transport import (
     registry,
 )
 from tests import rpc_funcs as f
-from tests.conftest import DEADLINE, LogEvents, eventually, gone_pid, kill_clients
+from tests.conftest import DEADLINE, LogEvents, eventually, gone_pid, here, kill_clients
 
 # *** the RESP client ***
 
@@ -480,14 +480,16 @@ async def test_heartbeat_survives_its_connection_being_killed(
 
 @pytest.mark.parametrize(
     "holder",
-    ["another host", "this process", "no pid"],
+    ["another host", "another pid namespace", "this process", "no pid"],
 )
 async def test_a_name_whose_holder_may_be_alive_is_refused_and_left_alone(
     holder: str, redis_url: str, redis_client: aredis.Redis, namespace: str
 ) -> None:
     value = {
         "another host": f"run=x id=0 pid={gone_pid()} host=not-{socket.gethostname()}",
-        "this process": f"run=x id=0 pid={os.getpid()} host={socket.gethostname()}",
+        # Another container with host networking: the same host name, other pids.
+        "another pid namespace": f"run=x id=0 pid={gone_pid()} host={socket.gethostname()} pidns=1",
+        "this process": f"run=x id=0 pid={os.getpid()} {here()}",
         "no pid": "id=0",
     }[holder]
     key = heartbeat(namespace, "b")
@@ -511,7 +513,7 @@ async def test_a_name_left_by_a_gone_process_of_this_host_is_taken_over(
 ) -> None:
     crashed = gone_pid()
     key = heartbeat(namespace, "b")
-    fake = f"run=x id=0 pid={crashed} host={socket.gethostname()} ttl_ms=60000"
+    fake = f"run=x id=0 pid={crashed} {here()} ttl_ms=60000"
     await redis_client.set(key, fake, px=60_000)
     await make_transport("b", Mailbox())
     await log_events.wait(f"event=name_taken_over agent=b pid={crashed}")
@@ -588,7 +590,7 @@ async def test_a_message_stored_twice_runs_once(
     w_inbox = inbox(namespace, "w")
     await redis_client.xgroup_create(w_inbox, GROUP, id="0", mkstream=True)
     # Left by a process of this host that is gone: the real "w" takes the name over.
-    fake = f"id=0 pid={gone_pid()} host={socket.gethostname()}"
+    fake = f"id=0 pid={gone_pid()} {here()}"
     await redis_client.set(heartbeat(namespace, "w"), fake, px=int(DEADLINE * 1000))
     caller = await make_agent("caller")
     call = asyncio.create_task(caller.rpc_async("w", count, args=(1,)))

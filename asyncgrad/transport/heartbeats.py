@@ -4,14 +4,15 @@
 agent holds the name; a holder that was a process of this host and is gone (a worker
 killed and restarted at once) is taken over instead of waited out. A thread then
 refreshes the key, so a busy event loop never looks dead. Its value,
-`run=TOKEN id=.. pid=.. host=.. ttl_ms=.. contexts=N`, starts with a token of this run,
-so that a run refreshes (and, leaving, deletes) only its own heartbeat.
+`run=TOKEN id=.. pid=.. host=.. pidns=.. ttl_ms=.. contexts=N`, starts with a token of
+this run, so that a run refreshes (and, leaving, deletes) only its own heartbeat.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import secrets
@@ -32,8 +33,7 @@ _CLAIM_ATTEMPTS = 3
 
 
 def heartbeat_fields(value: bytes | None) -> dict[str, str]:
-    """A heartbeat's value (`run=... id=... pid=... host=... ttl_ms=... contexts=...`)
-    as a dict."""
+    """A heartbeat's value (`run=... id=... pid=... host=... contexts=...`) as a dict."""
     parts = (value or b"").decode(errors="replace").split()
     return dict(part.split("=", 1) for part in parts if "=" in part)
 
@@ -63,7 +63,7 @@ class Heartbeat:
         agent_id, contexts = self._agent_id(), self._open_contexts()
         return (
             f"{self.token}id={agent_id} pid={os.getpid()} host={socket.gethostname()} "
-            f"ttl_ms={self._ttl_ms} contexts={contexts}"
+            f"pidns={_pid_namespace()} ttl_ms={self._ttl_ms} contexts={contexts}"
         )
 
     async def claim(self, conn: Connection) -> None:
@@ -156,7 +156,9 @@ class Heartbeat:
 def _gone(holder: dict[str, str]) -> bool:
     """Whether a heartbeat's holder was a process of this host that no longer exists."""
     pid = holder.get("pid", "")
-    if holder.get("host") != socket.gethostname() or not pid.isdigit() or int(pid) <= 0:
+    # Containers may share a host name (host networking) but not their pids.
+    here = holder.get("host") == socket.gethostname() and holder.get("pidns") == _pid_namespace()
+    if not here or not pid.isdigit() or int(pid) <= 0:
         return False  # elsewhere, or not ours to tell: only its TTL can say it is gone
     try:
         os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
@@ -165,6 +167,15 @@ def _gone(holder: dict[str, str]) -> bool:
     except PermissionError:  # it exists, as another user's process
         return False
     return False
+
+
+@functools.cache
+def _pid_namespace() -> str:
+    """The pid namespace of this process (Linux; elsewhere "", one namespace per host)."""
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return ""
 
 
 def _resolve(future: asyncio.Future[None]) -> None:
