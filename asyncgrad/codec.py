@@ -137,6 +137,27 @@ class Codec:
         frames[0] = self._pack(value, frames)
         return frames
 
+    def encode_plain(self, value: Any) -> bytes:
+        """msgpack of a small value of only None, bool, int, float, str, bytes, list, dict:
+        no arrays, tuples or extensions, so none of the hooks (message headers use this)."""
+        try:
+            body: bytes = msgpack.packb(value, use_bin_type=True, strict_types=True)
+        except (TypeError, ValueError, OverflowError) as e:
+            raise TypeError(f"not a plain value: {e}") from None
+        if len(body) > self.max_size:
+            raise CodecError(f"encoded size {len(body)} bytes exceeds the limit of {self.max_size}")
+        return body
+
+    def decode_plain(self, data: bytes | memoryview) -> Any:
+        """The value `encode_plain` made; any ext is malformed. The caller checks the types
+        it expects (msgpack itself turns ext -1 into a `msgpack.Timestamp`)."""
+        if len(data) > self.max_size:
+            raise CodecError(f"message of {len(data)} bytes exceeds the limit of {self.max_size}")
+        try:
+            return msgpack.unpackb(data, ext_hook=_no_ext, strict_map_key=False, timestamp=0)
+        except (ValueError, TypeError, msgpack.UnpackException) as e:
+            raise CodecError(f"malformed message: {type(e).__name__}: {e}") from e
+
     def decode(self, data: bytes | bytearray | memoryview) -> Any:
         """The value ``encode`` made ``data`` from; arrays are read-only views of ``data``."""
         return self._unpack(data if type(data) is bytes else _flat(data), [])
@@ -368,6 +389,10 @@ class _Unpacking:
         except ValueError as e:  # dims past numpy's limits, with a zero among them
             raise CodecError(f"malformed message: array of shape {shape}: {e}") from e
         return arr[()] if flags & _SCALAR else arr
+
+
+def _no_ext(code: int, data: bytes) -> Any:
+    raise CodecError(f"malformed message: ext type {code} in a plain value")
 
 
 def _flat(buffer: bytes | bytearray | memoryview) -> memoryview:

@@ -1,6 +1,6 @@
 """The demo job: a parameter server and two trainers learn a synthetic classification task.
 
-Trainers run `train` (exposed here): forward on the parameter server by RPC, the loss
+Each trainer (a `Trainer`, exposed here) runs forward on the parameter server by RPC, the loss
 locally, a distributed backward, a `DistributedOptimizer` step on the server; they report
 progress to the job, which shows it live and finally measures held-out accuracy.
 
@@ -48,33 +48,47 @@ class Task:
         return x, (x @ self.teacher()).argmax(axis=1)
 
 
-@rpc.expose(name="demo.train")
-async def train(
-    ps: rpc.RRef[ParameterServer], seed: int, steps: int, lr: float, report_to: str | None
-) -> dict[str, list[float]]:
-    """`steps` SGD steps on the server's model with this trainer's own data.
+@rpc.expose(name="demo.Trainer")
+class Trainer:
+    """One trainer: its own data, and an optimizer stepping the server's parameters.
 
-    Returns each step's loss and duration (ms).
+    Made with `agent.remote(...)`, then `prepare()`d and `run()`: setup (data, parameter
+    references) stays out of the timed part, as in the PyTorch benchmark.
     """
-    agent = rpc.current_agent()
-    opt = optim.DistributedOptimizer(optim.SGD, await ps.rpc_async().parameter_rrefs(), lr=lr)
-    x_all, y_all = Task().sample(steps * BATCH, seed)
-    losses: list[float] = []
-    step_ms: list[float] = []
-    for step in range(steps):
-        batch = slice(step * BATCH, (step + 1) * BATCH)
-        began = time.perf_counter()
-        async with dist_autograd.context() as ctx:
-            logits: Tensor = await ps.rpc_async().forward(tensor(x_all[batch]))
-            loss = F.cross_entropy(logits, y_all[batch])
-            await dist_autograd.backward(ctx, [loss])
-            await opt.step(ctx)
-        step_ms.append((time.perf_counter() - began) * 1000)
-        losses.append(loss.item())
-        if report_to and ((step + 1) % REPORT_EVERY == 0 or step + 1 == steps):
-            recent = float(np.mean(losses[-REPORT_EVERY:]))
-            await agent.rpc_async(report_to, "demo.progress", args=(agent.name, step + 1, recent))
-    return {"losses": losses, "step_ms": step_ms}
+
+    def __init__(self, ps: rpc.RRef[ParameterServer], seed: int, steps: int, lr: float) -> None:
+        self.ps, self.steps, self.lr = ps, steps, lr
+        self.x, self.y = Task().sample(steps * BATCH, seed)
+        self.opt: optim.DistributedOptimizer | None = None
+
+    async def prepare(self) -> None:
+        params = await self.ps.rpc_async().parameter_rrefs()
+        self.opt = optim.DistributedOptimizer(optim.SGD, params, lr=self.lr)
+
+    async def run(self, report_to: str | None = None) -> dict[str, list[float]]:
+        """`steps` SGD steps; each step's loss and duration (ms)."""
+        if self.opt is None:
+            await self.prepare()
+        assert self.opt is not None
+        agent = rpc.current_agent()
+        losses: list[float] = []
+        step_ms: list[float] = []
+        for step in range(self.steps):
+            batch = slice(step * BATCH, (step + 1) * BATCH)
+            began = time.perf_counter()
+            async with dist_autograd.context() as ctx:
+                logits: Tensor = await self.ps.rpc_async().forward(tensor(self.x[batch]))
+                loss = F.cross_entropy(logits, self.y[batch])
+                await dist_autograd.backward(ctx, [loss])
+                await self.opt.step(ctx)
+            step_ms.append((time.perf_counter() - began) * 1000)
+            losses.append(loss.item())
+            if report_to and ((step + 1) % REPORT_EVERY == 0 or step + 1 == self.steps):
+                recent = float(np.mean(losses[-REPORT_EVERY:]))
+                await agent.rpc_async(
+                    report_to, "demo.progress", args=(agent.name, step + 1, recent)
+                )
+        return {"losses": losses, "step_ms": step_ms}
 
 
 @dataclass
@@ -143,10 +157,11 @@ async def main(
     _DISPLAYS[agent.name] = _Display(display, bars, started)
     try:
         with display:
-            runs = [
-                agent.rpc_async(t, train, args=(ps, 100 + i, steps, lr, agent.name), timeout=600)
+            runners = [
+                await agent.remote(t, Trainer, args=(ps, 100 + i, steps, lr))
                 for i, t in enumerate(trainers)
             ]
+            runs = [r.rpc_async(timeout=600).run(agent.name) for r in runners]
             results: list[dict[str, list[float]]] = await asyncio.gather(*runs)
     finally:
         _DISPLAYS.pop(agent.name, None)

@@ -204,10 +204,10 @@ class MessageCodec:
         self._tensors: list[Tensor] = []
 
     def encode_header(self, header: Header) -> bytes:
-        return self._headers.encode(header.to_wire())
+        return self._headers.encode_plain(header.to_wire())
 
     def decode_header(self, frame: bytes) -> Header:
-        return Header.from_wire(self._headers.decode(frame))
+        return Header.from_wire(self._headers.decode_plain(frame))
 
     def encode_payload(self, payload: Any) -> tuple[list[bytes | memoryview], list[Tensor]]:
         """The payload's frames, and the tensors in it that require grad."""
