@@ -174,6 +174,8 @@ class Connection(asyncio.Protocol):
         self._waiters: collections.deque[Waiter] = collections.deque()
         self._out: list[bytes | memoryview] = []
         self._flush_handle: asyncio.Handle | None = None
+        # While held, commands queue and leave only with an explicit flush() (one write).
+        self.held = False
         self._transport: asyncio.Transport | None = None
         self._lost: BaseException | None = None
         self.closed = asyncio.Event()
@@ -275,7 +277,7 @@ class Connection(asyncio.Protocol):
             return
         self._out += encode_command(args)
         self._waiters.append(waiter)
-        if self._flush_handle is None:
+        if self._flush_handle is None and not self.held:
             self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
 
     def execute(self, *args: Arg) -> asyncio.Future[Any]:

@@ -42,7 +42,7 @@ LAYER_OF = {
     "rpc.seam": "rpc",
     "rpc.server": "rpc",
     "dist_autograd": "dist_autograd",
-    "dist_autograd.backward": "dist_autograd",
+    "dist_autograd.passes": "dist_autograd",
     "dist_autograd.context": "dist_autograd",
     "dist_autograd.nodes": "dist_autograd",
     "dist_autograd.optimizer": "dist_autograd",

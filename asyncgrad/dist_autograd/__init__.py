@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from asyncgrad.rpc import Agent
 
-from .backward import backward
 from .context import Contexts, context, get_gradients
 from .nodes import RecvRpcBackward, SendRpcBackward
 from .optimizer import DistributedOptimizer
+from .passes import backward
 
 __all__ = [
     "DistributedOptimizer",

@@ -28,7 +28,7 @@ from asyncgrad.tensor import Tensor
 from .nodes import RecvRpcBackward, SendRpcBackward
 
 if TYPE_CHECKING:
-    from .backward import Pass
+    from .passes import Pass
 
 __all__ = ["Context", "Contexts", "context", "contexts_of", "get_gradients"]
 
@@ -127,7 +127,7 @@ class Contexts:
         self._release_timer = None
         pending, self._releases = self._releases, {}
         for peer, ids in pending.items():
-            self.post(peer, Kind.CONTEXT_RELEASE, {"c": 0, "r": ids}).add_done_callback(_unsent)
+            self.agent.post(peer, Kind.CONTEXT_RELEASE, {"c": 0, "r": ids})
 
     def _schedule_sweep(self) -> None:
         if self._sweeper is None and self.by_id:
@@ -240,21 +240,20 @@ class Contexts:
             self._releases.setdefault(dest, []).extend(record[2])
 
     def handle(self, agent: Agent, header: Header, payload: Any) -> None:
-        from .backward import handle
+        from .passes import handle
 
         handle(self, header.sender, header.kind, payload)
 
-    def post(self, dest: str, kind: Kind, payload: Any) -> asyncio.Future[None]:
+    def send(self, dest: str, kind: Kind, payload: Any) -> asyncio.Future[None]:
+        """A message whose storing someone waits for (a gradient, a pass start)."""
         return self.agent.send(dest, kind, payload)
+
+    def post(self, dest: str, kind: Kind, payload: Any) -> None:
+        """A message nobody waits for (done, abort, release): a failure is only logged."""
+        self.agent.post(dest, kind, payload)
 
     def open_contexts(self) -> int:
         return len(self.by_id)  # asked from the heartbeat's thread: len() of a dict is safe
-
-
-def _unsent(stored: asyncio.Future[None]) -> None:
-    # A peer that left cannot be told; its contexts went with it.
-    if not stored.cancelled() and stored.exception() is not None:
-        logger.debug("event=release_unsent error=%s", stored.exception())
 
 
 def contexts_of(agent: Agent) -> Contexts:

@@ -326,7 +326,7 @@ class Agent:
         """Post a one-way message (how the autograd seam talks); RRefs in it are not allowed."""
         return self._transport.send(dest, self._one_way(dest, kind, payload, reply_to))
 
-    def _post(self, dest: str, kind: Kind, payload: Any) -> None:
+    def post(self, dest: str, kind: Kind, payload: Any) -> None:
         """`send`, for a message nobody waits for: a failure to store it is only logged."""
         self._transport.post(dest, self._one_way(dest, kind, payload))
 

@@ -117,7 +117,7 @@ class References:
         return self._agent.send(owner, Kind.RREF_UPDATES, RRefUpdates(tuple(updates)).to_wire())
 
     def _post_updates(self, owner: str, updates: list[tuple[int, str, int]]) -> None:
-        self._agent._post(owner, Kind.RREF_UPDATES, RRefUpdates(tuple(updates)).to_wire())
+        self._agent.post(owner, Kind.RREF_UPDATES, RRefUpdates(tuple(updates)).to_wire())
 
     def on_updates(self, header: Header, message: Inbound) -> None:
         """Count changes for RRefs owned here, from their holders."""
@@ -170,6 +170,6 @@ class References:
         self._releases.clear()
         for owner in sorted(owners - {self._agent.name}):
             try:
-                self._agent._post(owner, Kind.LEAVING, {})
+                self._agent.post(owner, Kind.LEAVING, {})
             except TransportError as e:  # Redis is gone: the owner's liveness check frees them
                 logger.warning("event=leave_notice_failed owner=%s error=%s", owner, e)

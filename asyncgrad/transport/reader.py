@@ -130,17 +130,30 @@ class Reader:
         entries = reply[0][1] if reply else []
         if self._last_id != b">":
             self._last_id = entries[-1][0] if entries else b">"
-        if entries:
-            self._writer.via = self.conn
-            try:
-                self._receive(entries)
-                # Replies and acks the batch produced leave with the next read: one write.
-                self._writer.flush()
-            except Exception:
-                # The one place a failure to handle a batch ends: report it, keep serving.
-                logger.exception("event=receive_failed agent=%s", self._endpoint.name)
-            finally:
-                self._writer.via = None
+        if not entries:
+            self.read()
+            return
+        conn = self.conn
+        self._writer.via = conn
+        if conn is not None:
+            conn.held = True
+        try:
+            self._receive(entries)
+        except Exception:
+            # The one place a failure to handle a batch ends: report it, keep serving.
+            logger.exception("event=receive_failed agent=%s", self._endpoint.name)
+        # The reader stays idle until its next XREADGROUP. The tasks this batch woke run
+        # first (call_soon keeps the order): their calls join the batch's replies and acks,
+        # and the next read, in one write.
+        asyncio.get_running_loop().call_soon(self._finish_batch, conn)
+
+    def _finish_batch(self, conn: Connection | None) -> None:
+        try:
+            self._writer.flush()
+        finally:
+            self._writer.via = None
+            if conn is not None:
+                conn.held = False
         self.read()
 
     def _receive(self, entries: list[list[Any]]) -> None:

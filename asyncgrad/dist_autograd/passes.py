@@ -114,7 +114,7 @@ class Pass:
         self._post(node.peer, Kind.GRAD, payload, counted=True)
 
     def _post(self, peer: str, kind: Kind, payload: Any, counted: bool) -> None:
-        stored = self.contexts.post(peer, kind, payload)
+        stored = self.contexts.send(peer, kind, payload)
         if counted:
             self.unstored[peer] += 1
             self.fresh[peer] += 1
@@ -197,14 +197,7 @@ def abort(
     kind, message, worker = _describe(error, contexts.agent.name)
     payload = {"c": ctx.id, "p": pass_id, "e": (kind, message, worker)}
     for peer in sorted(ctx.peers - {came_from, contexts.agent.name}):
-        stored = contexts.post(peer, Kind.PASS_ABORT, payload)
-        stored.add_done_callback(_ignore_unreachable)
-
-
-def _ignore_unreachable(stored: asyncio.Future[None]) -> None:
-    # An abort that cannot reach a dead worker has nothing left to stop there.
-    if not stored.cancelled() and stored.exception() is not None:
-        logger.debug("event=abort_unsent error=%s", stored.exception())
+        contexts.post(peer, Kind.PASS_ABORT, payload)
 
 
 def _describe(error: BaseException, here: str) -> tuple[str, str, str]:
