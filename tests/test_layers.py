@@ -56,6 +56,7 @@ LAYER_OF = {
     "bench.options": "app",
     "bench.rpc": "app",
     "bench.autograd": "app",
+    "bench.driver": "app",
     "cli": "app",
     "__main__": "app",
     "__init__": "app",

@@ -11,33 +11,16 @@ from typing import Any
 import numpy as np
 
 from asyncgrad import dist_autograd
+from asyncgrad.bench.driver import drive, scale
 from asyncgrad.bench.options import Options
-from asyncgrad.local_cluster import LocalCluster
 from asyncgrad.rpc import Agent
 from asyncgrad.tensor import Tensor, tensor
-from asyncgrad.worker import run_loop
 
 __all__ = ["b4_dist_backward_chain", "b5_param_server"]
 
 
-def _scale(n: int, quick: bool, minimum: int = 1) -> int:
-    return max(minimum, n // 10) if quick else n
-
-
-def _job(options: Options, workers: dict[str, list[str]], body: Any) -> dict[str, Any]:
-    with LocalCluster(workers, options.redis_url, options.namespace) as cluster:
-
-        async def main() -> dict[str, Any]:
-            async with Agent("driver", cluster.redis_url, cluster.namespace) as agent:
-                result: dict[str, Any] = await body(agent)
-                return result
-
-        result: dict[str, Any] = run_loop(main())
-        return result
-
-
 def b4_dist_backward_chain(options: Options) -> dict[str, Any]:
-    warmup, timed = _scale(10, options.quick), _scale(50, options.quick)
+    warmup, timed = scale(10, options.quick), scale(50, options.quick)
     names = [f"worker{i}" for i in range(1, 5)]
     x = tensor(np.random.default_rng(0).standard_normal((64, 512), dtype=np.float32))
 
@@ -89,7 +72,7 @@ def b4_dist_backward_chain(options: Options) -> dict[str, Any]:
             },
         }
 
-    return _job(options, {name: ["workers.pipeline"] for name in names}, body)
+    return drive(options, {name: ["workers.pipeline"] for name in names}, body)
 
 
 def _local_norms(x: Tensor, weights: list[np.ndarray]) -> list[float]:
@@ -102,7 +85,7 @@ def _local_norms(x: Tensor, weights: list[np.ndarray]) -> list[float]:
 
 
 def b5_param_server(options: Options) -> dict[str, Any]:
-    steps, lr = _scale(200, options.quick, 20), 0.05
+    steps, lr = scale(200, options.quick, 20), 0.05
     trainers = ["trainer1", "trainer2"]
 
     async def body(agent: Agent) -> dict[str, Any]:
@@ -147,4 +130,4 @@ def b5_param_server(options: Options) -> dict[str, Any]:
         }
 
     workers = {"ps": ["workers.param_server"], **{t: ["workers.demo"] for t in trainers}}
-    return _job(options, workers, body)
+    return drive(options, workers, body)

@@ -10,40 +10,22 @@ from typing import Any
 
 import numpy as np
 
+from asyncgrad.bench.driver import drive, scale
 from asyncgrad.bench.options import Options
-from asyncgrad.local_cluster import LocalCluster
 from asyncgrad.rpc import Agent
 from asyncgrad.tensor import Tensor, tensor
-from asyncgrad.worker import run_loop
 
 __all__ = ["b1_latency", "b2_throughput", "b3_bandwidth"]
 
 ECHO = {"worker1": ["workers.echo"]}
 
 
-def _scale(n: int, quick: bool, minimum: int = 1) -> int:
-    return max(minimum, n // 10) if quick else n
-
-
 def _percentile(sorted_values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(sorted_values), q))
 
 
-def _drive(options: Options, body: Any) -> dict[str, Any]:
-    """Run `body(agent)` on a driver agent against a fresh echo worker."""
-    with LocalCluster(ECHO, options.redis_url, options.namespace) as cluster:
-
-        async def main() -> dict[str, Any]:
-            async with Agent("driver", cluster.redis_url, cluster.namespace) as agent:
-                result: dict[str, Any] = await body(agent)
-                return result
-
-        result: dict[str, Any] = run_loop(main())
-        return result
-
-
 def b1_latency(options: Options) -> dict[str, Any]:
-    calls, warmup = _scale(5000, options.quick), _scale(200, options.quick)
+    calls, warmup = scale(5000, options.quick), scale(200, options.quick)
     x = tensor(np.arange(16, dtype=np.float32))
 
     async def body(agent: Agent) -> dict[str, Any]:
@@ -73,11 +55,11 @@ def b1_latency(options: Options) -> dict[str, Any]:
             },
         }
 
-    return _drive(options, body)
+    return drive(options, ECHO, body)
 
 
 def b2_throughput(options: Options) -> dict[str, Any]:
-    calls, window, warmup = _scale(20000, options.quick), 256, _scale(1000, options.quick)
+    calls, window, warmup = scale(20000, options.quick), 256, scale(1000, options.quick)
     x = tensor(np.arange(16, dtype=np.float32))
 
     async def run(agent: Agent, count: int) -> None:
@@ -105,13 +87,13 @@ def b2_throughput(options: Options) -> dict[str, Any]:
             "figures": {"calls_per_s": calls / elapsed, "elapsed_s": elapsed},
         }
 
-    return _drive(options, body)
+    return drive(options, ECHO, body)
 
 
 def b3_bandwidth(options: Options) -> dict[str, Any]:
     sizes = (
-        ("1MiB", 1 << 20, _scale(20, options.quick, 2)),
-        ("64MiB", 64 << 20, _scale(5, options.quick, 1)),
+        ("1MiB", 1 << 20, scale(20, options.quick, 2)),
+        ("64MiB", 64 << 20, scale(5, options.quick, 1)),
     )
 
     async def body(agent: Agent) -> dict[str, Any]:
@@ -140,4 +122,4 @@ def b3_bandwidth(options: Options) -> dict[str, Any]:
             out["figures"][f"median_ms_per_echo_{label}"] = statistics.median(per) / 1e6
         return out
 
-    return _drive(options, body)
+    return drive(options, ECHO, body)
