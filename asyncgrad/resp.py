@@ -40,6 +40,9 @@ DEFAULT_URL = "redis://127.0.0.1:6379/0"
 # Above this, an argument is written as its own buffer instead of being packed (copied).
 _LARGE = 64 * 1024
 _KEEP_BUFFER = 4 << 20
+# Closing a TLS connection waits for Redis's close_notify: asyncio's default of 30 s made
+# an agent's shutdown take a minute when Redis was unreachable (a plain socket closes at once).
+_TLS_SHUTDOWN_TIMEOUT = 1.0
 Arg = bytes | memoryview | str | int | float
 # hiredis's stubs declare a one-element tuple; it takes any number of arguments.
 _pack = cast(Callable[[tuple[Arg, ...]], bytes], hiredis.pack_command)
@@ -205,6 +208,7 @@ class Connection(asyncio.Protocol):
                         address.port,
                         ssl=ctx,
                         server_hostname=address.host if ctx else None,
+                        ssl_shutdown_timeout=_TLS_SHUTDOWN_TIMEOUT if ctx else None,
                     )
                 for command in address.login_commands(name):
                     await conn.execute(*command)

@@ -27,7 +27,7 @@ from typing import Any, Self
 
 from asyncgrad.codec import DEFAULT_MAX_SIZE
 from asyncgrad.errors import CodecError, RpcError, WorkerUnavailable
-from asyncgrad.resp import DEFAULT_URL, RedisAddress
+from asyncgrad.resp import DEFAULT_URL, RedisAddress, ReplyError
 from asyncgrad.rpc import exposed
 from asyncgrad.rpc.calls import Calls
 from asyncgrad.rpc.liveness import Liveness
@@ -152,9 +152,11 @@ class Agent:
             self.seam = self.seam_factory(self)
         try:
             await self._transport.start()
-        except BaseException:
+        except BaseException as e:
             self._state = "closed"
             await self._transport.close()
+            if isinstance(e, ReplyError) and e.code == "NOPERM":
+                raise self._not_permitted(e) from e
             raise
         self._liveness.start()
         logger.info(
@@ -162,6 +164,16 @@ class Agent:
             self.name, self.id, self.namespace, self._transport.address,
         )  # fmt: skip
         return self
+
+    def _not_permitted(self, error: ReplyError) -> ReplyError:
+        """Redis's NOPERM names neither the user nor the key: say who may not do what."""
+        address = self._transport.address
+        detail = str(error).partition(" ")[2]
+        return ReplyError(
+            f"NOPERM Redis user {address.username or 'default'!r} at {address} may not use "
+            f"namespace {self.namespace!r}: {detail} (an agent needs the keys "
+            f"~{self.namespace}:* and the commands SECURITY.md lists)"
+        )
 
     async def __aenter__(self) -> Self:
         await self.start()

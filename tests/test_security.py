@@ -1,0 +1,347 @@
+"""Redis ACL users and TLS, end to end, on Redis servers these tests start themselves.
+
+ACL: an agent's user gets the rules SECURITY.md documents (its namespace's keys, the
+commands asyncgrad issues, nothing else); agents with it work, and cannot reach another
+namespace. TLS: a Redis that listens only on TLS and requires client certificates, which
+the tests generate; agents, a worker process and `status` work over it, and clients
+without a trusted certificate are refused at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import IO
+
+import numpy as np
+import pytest
+import redis
+import redis.asyncio as aredis
+
+import asyncgrad as ag
+from asyncgrad import dist_autograd, rpc, status
+from asyncgrad.cli import main
+from asyncgrad.resp import Connection, ConnectionLost, RedisAddress, ReplyError, SyncConnection
+from asyncgrad.transport import heartbeat, inbox, registry
+from tests import dist_funcs  # noqa: F401 - exposes the dt.* functions
+from tests.conftest import DEADLINE, ROOT, eventually
+from tests.security_fixtures import (
+    Certificates,
+    RedisServer,
+    documented_acl,
+    make_certificates,
+    start_tls_server,
+    tls_url,
+)
+
+ADMIN_PASSWORD = "admin-secret"
+PASSWORDS = {"agent-ns1": "s3cret/ns1", "agent-ns2": "s3cret/ns2", "status-ns1": "look"}
+X = np.random.default_rng(0).standard_normal((3, 4))
+
+
+def reference(weights: list[np.ndarray]) -> list[np.ndarray]:
+    """The gradients of sum(tanh(...tanh(X @ W1)... @ Wn)), on the local engine."""
+    ws = [ag.tensor(w, requires_grad=True) for w in weights]
+    h = ag.tensor(X)
+    for w in ws:
+        h = (h @ w).tanh()
+    h.sum().backward()
+    return [w.grad for w in ws]
+
+
+async def chain_backward(driver: rpc.Agent, workers: list[str]) -> None:
+    """X through `dt.layer` on each worker in turn, a distributed backward, and the
+    workers' gradients checked against the local engine's."""
+    async with dist_autograd.context() as ctx:
+        h = ag.tensor(X)
+        for seed, name in enumerate(workers):
+            h = await driver.rpc_async(name, "dt.layer", args=(h, seed))
+        await dist_autograd.backward(ctx, [h.sum()])
+        grads = [
+            await driver.rpc_async(n, "dt.weight_grad", args=(ctx, i))
+            for i, n in enumerate(workers)
+        ]
+    weights = [
+        await driver.rpc_async(n, "dt.weight_data", args=(i,)) for i, n in enumerate(workers)
+    ]
+    for got, want in zip(grads, reference(weights), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+async def heartbeat_refreshed(admin: aredis.Redis, namespace: str, agent: str) -> None:
+    """Until the agent's heartbeat thread has refreshed its key at least once (its
+    connection's last command is then the refresh script, not the login)."""
+
+    async def beaten() -> bool:
+        name = f"asyncgrad:{namespace}:{agent}:heartbeat"
+        return any(c["name"] == name and c["cmd"] == "eval" for c in await admin.client_list())
+
+    await eventually(beaten, f"a heartbeat refresh by {agent}")
+
+
+# *** ACL ***
+
+
+@pytest.fixture(scope="module")
+def acl_server() -> Iterator[RedisServer]:
+    """A Redis whose default user needs a password, with one ACL user per role, each
+    given the rules SECURITY.md documents for it."""
+    server = RedisServer(["--requirepass", ADMIN_PASSWORD])
+    try:
+        with redis.Redis(port=server.port, password=ADMIN_PASSWORD) as admin:
+            for user, password in PASSWORDS.items():
+                role, _, ns = user.partition("-")
+                rules = documented_acl(f"{role}-ns1")
+                rules = [f">{password}" if r == ">PASSWORD" else r for r in rules]
+                rules = [r.replace("ns1:", f"{ns}:") for r in rules]
+                admin.execute_command("ACL", "SETUSER", user, "reset", *rules)
+        yield server
+    finally:
+        server.stop()
+
+
+def acl_url(server: RedisServer, user: str) -> str:
+    """The user's URL; the `/` in its password percent-encoded, as a URL needs it."""
+    return f"redis://{user}:{PASSWORDS[user].replace('/', '%2F')}@127.0.0.1:{server.port}/0"
+
+
+@pytest.fixture
+async def admin(acl_server: RedisServer) -> AsyncIterator[aredis.Redis]:
+    """The default user (all keys, all commands), with an empty ACL LOG to begin with."""
+    client = aredis.Redis(port=acl_server.port, password=ADMIN_PASSWORD)
+    await client.acl_log_reset()
+    yield client
+    await client.aclose()
+
+
+@pytest.mark.timeout(20)
+async def test_acl_user_of_one_namespace_runs_rpc_and_a_distributed_backward(
+    acl_server: RedisServer, admin: aredis.Redis
+) -> None:
+    url = acl_url(acl_server, "agent-ns1")
+    # The driver enters last: it is the current agent, whose contexts chain_backward opens.
+    async with rpc.Agent("w1", url, "ns1"), rpc.Agent("driver", url, "ns1") as driver:
+        assert await driver.rpc_async("w1", "dt.context_count") == 0
+        rref = await driver.remote("w1", "dt.param_rrefs", args=(0,))
+        assert len(await rref.to_here()) == 1
+        await chain_backward(driver, ["w1"])
+        assert [w.name for w in await driver.workers()] == ["w1", "driver"]
+        await heartbeat_refreshed(admin, "ns1", "w1")
+        # `asyncgrad status` with a user that may only read the namespace.
+        rows = await status.collect(acl_url(acl_server, "status-ns1"), "ns1")
+        assert [(r.name, r.alive) for r in rows] == [("w1", True), ("driver", True)]
+    # Nothing asyncgrad did was refused, the leaving agents' cleanup included.
+    assert await admin.acl_log() == []
+
+
+@pytest.mark.timeout(20)
+async def test_acl_user_cannot_reach_another_namespace(
+    acl_server: RedisServer, admin: aredis.Redis
+) -> None:
+    ns1_url = acl_url(acl_server, "agent-ns1")
+    async with rpc.Agent("victim", acl_url(acl_server, "agent-ns2"), "ns2") as victim:
+        keys_before = sorted(await admin.keys("ns2:*"))
+        # An agent of ns1's user cannot join ns2, so it can call nothing there.
+        async with asyncio.timeout(DEADLINE):
+            with pytest.raises(ReplyError) as refused:
+                await rpc.Agent("intruder", ns1_url, "ns2").start()
+        assert refused.value.code == "NOPERM"
+        assert "user 'agent-ns1'" in str(refused.value)
+        assert "namespace 'ns2'" in str(refused.value)
+        # In its own namespace, ns2's agents are not there to be called.
+        async with rpc.Agent("caller", ns1_url, "ns1") as caller:
+            with pytest.raises(ag.WorkerUnavailable, match="'victim'"):
+                await caller.rpc_async("victim", "dt.context_count", timeout=DEADLINE)
+        # Nor, with the same credentials, read, write or delete ns2's keys directly.
+        conn = await Connection.open(RedisAddress.from_url(ns1_url), name="asyncgrad:intruder")
+        try:
+            victim_inbox = inbox("ns2", "victim")
+            for command in [
+                ("HGETALL", registry("ns2")),
+                ("GET", heartbeat("ns2", "victim")),
+                ("XRANGE", victim_inbox, "-", "+"),
+                ("XREADGROUP", "GROUP", "asyncgrad", "thief", "STREAMS", victim_inbox, ">"),
+                ("XADD", victim_inbox, "*", "m", b"forged"),
+                ("DEL", registry("ns2"), victim_inbox),
+                ("EVAL", "return redis.call('GET', KEYS[1])", 1, heartbeat("ns2", "victim")),
+            ]:
+                with pytest.raises(ReplyError) as denied:
+                    await conn.execute(*command)
+                assert denied.value.code == "NOPERM", command
+            # A script may run, but only with the user's own rights.
+            with pytest.raises(ReplyError, match="can't access"):
+                await conn.execute("EVAL", f"return redis.call('GET', '{registry('ns2')}')", 0)
+            for command in [("KEYS", "*"), ("SCAN", 0), ("FLUSHALL",), ("CONFIG", "GET", "*")]:
+                with pytest.raises(ReplyError, match=r"NOPERM .* no permissions to run"):
+                    await conn.execute(*command)
+        finally:
+            conn.close()
+        assert sorted(await admin.keys("ns2:*")) == keys_before
+        assert await admin.xlen(victim_inbox) == 0
+        assert await victim.rpc_async("victim", "dt.context_count") == 0  # still serving
+
+
+@pytest.mark.timeout(20)
+async def test_acl_status_user_reads_but_cannot_run_an_agent(acl_server: RedisServer) -> None:
+    url = acl_url(acl_server, "status-ns1")
+    async with asyncio.timeout(DEADLINE):
+        with pytest.raises(ReplyError, match=r"NOPERM Redis user 'status-ns1' .* 'eval'"):
+            await rpc.Agent("reader", url, "ns1").start()
+    assert all(not row.alive for row in await status.collect(url, "ns1"))
+
+
+@pytest.mark.parametrize(
+    ("login", "answer"),
+    [
+        ("agent-ns1:wrong@", "WRONGPASS"),
+        ("nobody:s3cret%2Fns1@", "WRONGPASS"),
+        ("", "NOAUTH"),  # no credentials: the default user, which needs a password here
+    ],
+)
+def test_wrong_credentials_fail_at_start_with_one_clear_line(
+    acl_server: RedisServer, login: str, answer: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"redis://{login}127.0.0.1:{acl_server.port}/0"
+    for command in (["worker", "w"], ["status"]):
+        started = time.monotonic()
+        assert main([*command, "--redis", url, "--namespace", "ns1"]) == 1
+        assert time.monotonic() - started < DEADLINE
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert line.startswith("asyncgrad: error: Redis at 127.0.0.1:")
+        assert f"refused the login: {answer}" in line
+
+
+# *** TLS ***
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
+    return make_certificates(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.fixture(scope="module")
+def tls_server(certs: Certificates) -> Iterator[RedisServer]:
+    server = start_tls_server(certs)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def tls_admin(tls_server: RedisServer, certs: Certificates) -> AsyncIterator[aredis.Redis]:
+    client = aredis.Redis(
+        port=tls_server.port,
+        ssl=True,
+        ssl_ca_certs=str(certs.ca),
+        ssl_certfile=str(certs.client_cert),
+        ssl_keyfile=str(certs.client_key),
+    )
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def tls_worker(
+    tls_server: RedisServer, certs: Certificates, read_line: Callable[[IO[bytes]], str]
+) -> Iterator[Callable[[str, str], subprocess.Popen[bytes]]]:
+    """`spawn(name, namespace)`: `asyncgrad worker` over TLS in a subprocess, once it serves."""
+    spawned: list[subprocess.Popen[bytes]] = []
+
+    def spawn(name: str, namespace: str) -> subprocess.Popen[bytes]:
+        url = tls_url(tls_server, certs.ca, certs.client_cert, certs.client_key)
+        argv = [sys.executable, "-m", "asyncgrad", "worker", name, "--redis", url]
+        argv += ["--namespace", namespace, "--import", "tests.dist_funcs"]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        process = subprocess.Popen(argv, stderr=subprocess.PIPE, env=env, cwd=ROOT)
+        spawned.append(process)
+        assert process.stderr is not None
+        while "event=worker_serving" not in read_line(process.stderr):
+            pass
+        return process
+
+    yield spawn
+    for process in spawned:
+        if process.poll() is None:
+            process.kill()
+        process.wait(DEADLINE)
+        if process.stderr is not None:
+            process.stderr.close()
+
+
+@pytest.mark.timeout(30)
+async def test_tls_agents_worker_process_and_status_with_client_certificates(
+    tls_server: RedisServer,
+    certs: Certificates,
+    tls_admin: aredis.Redis,
+    tls_worker: Callable[[str, str], subprocess.Popen[bytes]],
+    read_line: Callable[[IO[bytes]], str],
+) -> None:
+    url = tls_url(tls_server, certs.ca, certs.client_cert, certs.client_key)
+    worker = tls_worker("p", "tls")
+    async with rpc.Agent("b", url, "tls"), rpc.Agent("driver", url, "tls") as driver:
+        big = np.arange(1 << 20, dtype=np.float64)  # 8 MiB: many TLS records each way
+        assert np.array_equal(await driver.rpc_async("p", "dt.product", args=(big, big)), big * big)
+        await chain_backward(driver, ["b", "p"])
+        await heartbeat_refreshed(tls_admin, "tls", "p")  # the worker's heartbeat thread
+        await heartbeat_refreshed(tls_admin, "tls", "b")
+        rows = await status.collect(url, "tls")
+        assert [(r.name, r.alive) for r in rows] == [("p", True), ("b", True), ("driver", True)]
+    worker.send_signal(signal.SIGTERM)
+    assert worker.stderr is not None
+    while "event=worker_stopped" not in read_line(worker.stderr):
+        pass
+    assert worker.wait(DEADLINE) == 0
+
+
+@pytest.mark.parametrize(
+    ("client", "refusal"),
+    [
+        ("no client certificate", "CERTIFICATE_REQUIRED|HANDSHAKE_FAILURE|reset by peer"),
+        ("client certificate of an untrusted CA", "UNKNOWN_CA|reset by peer"),
+        ("server certificate not trusted", "CERTIFICATE_VERIFY_FAILED"),
+        ("plain TCP to the TLS port", "reset by peer|closed|lost"),
+    ],
+)
+async def test_tls_refuses_a_client_without_trusted_certificates(
+    tls_server: RedisServer, certs: Certificates, client: str, refusal: str
+) -> None:
+    url = {
+        "no client certificate": tls_url(tls_server, certs.ca, None, None),
+        "client certificate of an untrusted CA": tls_url(
+            tls_server, certs.ca, certs.other_client_cert, certs.other_client_key
+        ),
+        "server certificate not trusted": tls_url(
+            tls_server, certs.other_ca, certs.client_cert, certs.client_key
+        ),
+        "plain TCP to the TLS port": f"redis://127.0.0.1:{tls_server.port}/0",
+    }[client]
+    async with asyncio.timeout(DEADLINE):
+        with pytest.raises(ConnectionLost, match=f"cannot connect to Redis at .*({refusal})"):
+            await rpc.Agent("a", url, "tls-refused").start()
+    # The heartbeat thread's blocking connection is refused too. NOTE: under TLS 1.3 the
+    # server judges a client certificate after the handshake; its alert reaches a blocking
+    # socket only if the login was sent before the server hung up, else this reads "EOF".
+    with pytest.raises(ConnectionLost, match=f"{refusal}|EOF occurred"):
+        SyncConnection(RedisAddress.from_url(url), name="asyncgrad:tls-refused", timeout=DEADLINE)
+
+
+async def test_tls_connection_closes_at_once_when_redis_stops_answering(
+    tls_server: RedisServer, certs: Certificates
+) -> None:
+    url = tls_url(tls_server, certs.ca, certs.client_cert, certs.client_key)
+    conn = await Connection.open(RedisAddress.from_url(url), name="asyncgrad:tls-close")
+    assert await conn.execute("PING") == b"PONG"
+    os.kill(tls_server.process.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        conn.close()
+        # Without a bound, asyncio waits 30 s for the close_notify of a frozen server.
+        async with asyncio.timeout(DEADLINE):
+            await conn.closed.wait()
+        assert time.monotonic() - started < 2
+    finally:
+        os.kill(tls_server.process.pid, signal.SIGCONT)
