@@ -38,20 +38,10 @@ from tests.security_fixtures import (
     start_tls_server,
     tls_url,
 )
+from tests.test_dist_autograd import X, local_chain
 
 ADMIN_PASSWORD = "admin-secret"
 PASSWORDS = {"agent-ns1": "s3cret/ns1", "agent-ns2": "s3cret/ns2", "status-ns1": "look"}
-X = np.random.default_rng(0).standard_normal((3, 4))
-
-
-def reference(weights: list[np.ndarray]) -> list[np.ndarray]:
-    """The gradients of sum(tanh(...tanh(X @ W1)... @ Wn)), on the local engine."""
-    ws = [ag.tensor(w, requires_grad=True) for w in weights]
-    h = ag.tensor(X)
-    for w in ws:
-        h = (h @ w).tanh()
-    h.sum().backward()
-    return [w.grad for w in ws]
 
 
 async def chain_backward(driver: rpc.Agent, workers: list[str]) -> None:
@@ -62,15 +52,16 @@ async def chain_backward(driver: rpc.Agent, workers: list[str]) -> None:
         for seed, name in enumerate(workers):
             h = await driver.rpc_async(name, "dt.layer", args=(h, seed))
         await dist_autograd.backward(ctx, [h.sum()])
-        grads = [
-            await driver.rpc_async(n, "dt.weight_grad", args=(ctx, i))
-            for i, n in enumerate(workers)
+        weights_and_grads = [
+            (
+                await driver.rpc_async(name, "dt.weight_data", args=(seed,)),
+                await driver.rpc_async(name, "dt.weight_grad", args=(ctx, seed)),
+            )
+            for seed, name in enumerate(workers)
         ]
-    weights = [
-        await driver.rpc_async(n, "dt.weight_data", args=(i,)) for i, n in enumerate(workers)
-    ]
-    for got, want in zip(grads, reference(weights), strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-12)
+    _, want = local_chain([weight for weight, _ in weights_and_grads])
+    for (_, got), expected in zip(weights_and_grads, want, strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-12)
 
 
 async def heartbeat_refreshed(admin: aredis.Redis, namespace: str, agent: str) -> None:
