@@ -493,6 +493,21 @@ async def test_private_methods_are_refused(make_agent: MakeAgent) -> None:
     assert CALLS["Box._secret"] == 0
 
 
+async def test_only_an_exposed_class_has_its_methods_called(
+    make_agent: MakeAgent, tmp_path: Path
+) -> None:
+    a, _ = await make_agent("a"), await make_agent("b")
+    array = await a.remote("b", f.echo, args=(np.zeros(4),))  # an RRef to an ndarray
+    target = tmp_path / "written-by-the-owner"
+    with pytest.raises(ag.RemoteError) as raised:
+        await array.rpc_async().tofile(str(target))
+    assert raised.value.remote_type == "NotExposedError"
+    assert not target.exists()
+    np.testing.assert_array_equal(await array.to_here(), np.zeros(4))  # fetching is fine
+    box = await a.remote("b", Box, args=(7,))  # an exposed class: its methods are callable
+    assert await box.rpc_async().get() == 7
+
+
 async def test_rref_of_a_local_value_is_owned_here(
     redis_url: str, namespace: str, make_agent: MakeAgent
 ) -> None:

@@ -63,6 +63,12 @@ def name_of(fn: Any) -> str:
     return f"{module}:{qualname}"
 
 
+def is_exposed_class(cls: type) -> bool:
+    """Whether `cls` itself (not merely a base of it) was exposed."""
+    name = cls.__dict__.get(_ATTR)
+    return isinstance(name, str) and _EXPOSED.get(name) is cls
+
+
 def lookup(name: str) -> Any:
     """The object exposed under `name`, or `NotExposedError`."""
     try:

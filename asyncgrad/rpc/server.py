@@ -86,6 +86,13 @@ class Server:
             return lambda: value
         if call.method.startswith("_"):
             raise NotExposedError(f"private method {call.method!r} cannot be called remotely")
+        # Only an exposed class's methods: an RRef to anything else (an array, a tensor, a
+        # dict) can be fetched, but `ndarray.tofile(path)` must not run on the owner.
+        if not exposed.is_exposed_class(type(value)):
+            raise NotExposedError(
+                f"{type(value).__name__} is not an exposed class: "
+                f"its method {call.method!r} cannot be called remotely"
+            )
         method = getattr(value, call.method)
         if not callable(method):
             raise TypeError(f"{type(value).__name__}.{call.method} is not callable")
