@@ -103,7 +103,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _connection_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--redis", metavar="URL", help="default: $ASYNCGRAD_REDIS_URL")
+    parser.add_argument(
+        "--redis",
+        metavar="URL",
+        help="redis://, rediss://, unix:// or redis+cluster://host:port,... "
+        "(default: $ASYNCGRAD_REDIS_URL)",
+    )
     parser.add_argument("--namespace", default="asyncgrad", help="default: asyncgrad")
 
 

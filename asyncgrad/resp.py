@@ -9,7 +9,10 @@ they are (a memoryview of an array is never joined into a new bytes object).
 `RedisAddress` parses the URL forms asyncgrad accepts:
 `redis://[user:password@]host[:port][/db]`, `rediss://...` (TLS; query parameters
 `ssl_ca_certs`, `ssl_certfile`, `ssl_keyfile`, `ssl_cert_reqs=none|optional|required`,
-`ssl_check_hostname=false`) and `unix:///path/to/redis.sock[?db=N&password=...]`.
+`ssl_check_hostname=false`), `unix:///path/to/redis.sock[?db=N&password=...]`, and for a
+Redis Cluster `redis+cluster://[user:password@]host:port[,host:port...]` (or
+`rediss+cluster://`, with the TLS parameters of `rediss://`): the nodes listed are seeds,
+from which asyncgrad.transport.cluster learns the rest.
 """
 
 from __future__ import annotations
@@ -71,6 +74,8 @@ class RedisAddress:
     username: str | None = None
     password: str | None = None
     tls: dict[str, str] | None = field(default=None, hash=False)
+    # A Redis Cluster's seed nodes (host, port); empty for a single server.
+    seeds: tuple[tuple[str, int], ...] = ()
 
     @classmethod
     def from_url(cls, url: str) -> RedisAddress:
@@ -78,6 +83,19 @@ class RedisAddress:
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
         username = unquote(parts.username) if parts.username else query.get("username")
         password = unquote(parts.password) if parts.password else query.get("password")
+        if parts.scheme in ("redis+cluster", "rediss+cluster"):
+            seeds = _seeds(url, parts.netloc.rpartition("@")[2])
+            if parts.path.strip("/") not in ("", "0") or query.get("db", "0") != "0":
+                raise ValueError(f"{url!r}: a Redis Cluster has only database 0")
+            tls = {k: v for k, v in query.items() if k.startswith("ssl_")}
+            return cls(
+                host=seeds[0][0],
+                port=seeds[0][1],
+                username=username or None,
+                password=password,
+                tls=tls if parts.scheme == "rediss+cluster" else None,
+                seeds=seeds,
+            )
         if parts.scheme == "unix":
             if not parts.path:
                 raise ValueError(f"{url!r}: a unix URL needs a socket path")
@@ -85,7 +103,8 @@ class RedisAddress:
             return cls(path=parts.path, db=db, username=username or None, password=password)
         if parts.scheme not in ("redis", "rediss"):
             raise ValueError(
-                f"{url!r}: unsupported scheme {parts.scheme!r} (use redis://, rediss:// or unix://)"
+                f"{url!r}: unsupported scheme {parts.scheme!r} "
+                "(use redis://, rediss://, unix:// or redis+cluster://)"
             )
         path_db = parts.path.lstrip("/")
         tls = {k: v for k, v in query.items() if k.startswith("ssl_")}
@@ -128,8 +147,24 @@ class RedisAddress:
         return commands
 
     def __str__(self) -> str:
+        if self.seeds:
+            return "redis+cluster://" + ",".join(f"{host}:{port}" for host, port in self.seeds)
         where = f"unix://{self.path}" if self.path else f"{self.host}:{self.port}"
         return f"{where}/{self.db}"
+
+
+def _seeds(url: str, hosts: str) -> tuple[tuple[str, int], ...]:
+    """`host:port,host:port`; a port may be left out (6379), IPv6 hosts go in brackets."""
+    seeds = []
+    for item in hosts.split(","):
+        host, colon, port = item.rpartition(":")
+        if not colon or host.endswith(":") or "]" in port:  # no port, or a bare IPv6 address
+            host, port = item, "6379"
+        host = host.strip("[]")
+        if not host or not port.isdigit():
+            raise ValueError(f"{url!r}: {item!r} is not host:port")
+        seeds.append((host, int(port)))
+    return tuple(seeds)
 
 
 def encode_command(args: tuple[Arg, ...]) -> list[bytes | memoryview]:
@@ -292,8 +327,11 @@ class Connection(asyncio.Protocol):
 
     def flush(self) -> None:
         """Write what is queued now, instead of at the end of this loop tick."""
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
+        handle = self._flush_handle
+        if handle is not None:
+            handle.cancel()
+        # Also what was queued while `held` (no flush was scheduled for it).
+        if handle is not None or self._out:
             self._flush()
 
     def _flush(self) -> None:

@@ -13,7 +13,8 @@ from rich.console import Console
 from rich.table import Table
 
 from asyncgrad import transport
-from asyncgrad.resp import Connection, RedisAddress, ReplyError
+from asyncgrad.resp import RedisAddress, ReplyError
+from asyncgrad.transport.cluster import RedisLink, connect
 
 __all__ = ["WorkerStatus", "collect", "render"]
 
@@ -34,7 +35,7 @@ class WorkerStatus:
 
 async def collect(url: str, namespace: str) -> list[WorkerStatus]:
     """Every agent registered in `namespace`, by id."""
-    conn = await Connection.open(RedisAddress.from_url(url), name="asyncgrad:status")
+    conn = await connect(RedisAddress.from_url(url), name="asyncgrad:status")
     try:
         flat = await conn.execute("HGETALL", transport.registry(namespace))
         agents = {
@@ -48,7 +49,7 @@ async def collect(url: str, namespace: str) -> list[WorkerStatus]:
     return sorted(rows, key=lambda r: r.id)
 
 
-async def _one(conn: Connection, namespace: str, name: str, agent_id: int) -> WorkerStatus:
+async def _one(conn: RedisLink, namespace: str, name: str, agent_id: int) -> WorkerStatus:
     beat, ttl_ms, backlog, dead = await asyncio.gather(
         conn.execute("GET", transport.heartbeat(namespace, name)),
         conn.execute("PTTL", transport.heartbeat(namespace, name)),

@@ -1,4 +1,9 @@
-"""Shared fixtures: one real Redis per session, a namespace per test, no leftover processes."""
+"""Shared fixtures: one real Redis per session, a namespace per test, no leftover processes.
+
+Tests marked `cluster` run twice: on that Redis, and on a local Redis Cluster (started on
+first use) as `redis_url`, so everything built on `redis_url` (agents, worker processes,
+the redis-py clients below) meets a cluster.
+"""
 
 from __future__ import annotations
 
@@ -21,17 +26,33 @@ from typing import IO, Any
 import pytest
 import redis
 import redis.asyncio as aredis
+import redis.asyncio.cluster as aredis_cluster
+import redis.cluster
 
 from asyncgrad.embedded import EmbeddedRedis
+from asyncgrad.resp import RedisAddress
 from asyncgrad.rpc import Agent
+from tests.cluster_servers import ClusterServers, ClusterUnsupported, find_binaries
 
 ROOT = Path(__file__).resolve().parent.parent
 
 DEADLINE = 5.0  # seconds a test waits for a child process before failing
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if metafunc.definition.get_closest_marker("cluster") and "redis_url" in metafunc.fixturenames:
+        metafunc.parametrize("redis_url", ["redis", "cluster"], indirect=True)
+
+
 @pytest.fixture(scope="session")
-def redis_url() -> Iterator[str]:
+def redis_url(request: pytest.FixtureRequest) -> str:
+    """`server_url`, or `cluster_url` for the `cluster` variant of a test marked `cluster`."""
+    which = getattr(request, "param", "redis")
+    return str(request.getfixturevalue("cluster_url" if which == "cluster" else "server_url"))
+
+
+@pytest.fixture(scope="session")
+def server_url() -> Iterator[str]:
     """$ASYNCGRAD_TEST_REDIS_URL, else a session-wide embedded Redis on a unix socket."""
     if url := os.environ.get("ASYNCGRAD_TEST_REDIS_URL"):
         yield url
@@ -41,18 +62,50 @@ def redis_url() -> Iterator[str]:
         yield server.url
 
 
-@pytest.fixture
-def namespace(redis_url: str) -> Iterator[str]:
-    """A namespace of this test's own, so tests share one Redis without flushing it.
+@pytest.fixture(scope="session")
+def cluster_url() -> Iterator[str]:
+    """A Redis Cluster of three masters on loopback ports, for the whole session."""
+    try:
+        binaries = find_binaries(os.environ.get("ASYNCGRAD_REDIS_SERVER"))
+    except ClusterUnsupported as e:
+        pytest.skip(f"no redis-server/redis-cli with cluster support: {e}")
+    with ClusterServers(*binaries) as cluster:
+        yield cluster.url
+
+
+def redis_py(url: str, *, asynchronous: bool = False) -> Any:
+    """A redis-py client for `url`; for a `redis+cluster://` URL a `RedisCluster`, which has
+    the same commands."""
+    address = RedisAddress.from_url(url)
+    if not address.seeds:
+        return (aredis.Redis if asynchronous else redis.Redis).from_url(url)
+    api = aredis_cluster if asynchronous else redis.cluster
+    return api.RedisCluster(
+        startup_nodes=[api.ClusterNode(host, port) for host, port in address.seeds],
+        username=address.username,
+        password=address.password,
+    )
+
+
+@contextlib.contextmanager
+def own_namespace(redis_url: str) -> Iterator[str]:
+    """A namespace of its own, so tests share one Redis without flushing it.
 
     Its keys are deleted afterwards, so a shared Redis (CI's) does not fill up.
     """
     ns = "t-" + uuid.uuid4().hex[:12]
     yield ns
-    with redis.Redis.from_url(redis_url) as client:
+    with redis_py(redis_url) as client:
         keys = list(client.scan_iter(match=f"{ns}:*", count=1000))
         if keys:
             client.delete(*keys)
+
+
+@pytest.fixture
+def namespace(redis_url: str) -> Iterator[str]:
+    """A namespace of this test's own (see `own_namespace`)."""
+    with own_namespace(redis_url) as ns:
+        yield ns
 
 
 @pytest.fixture
@@ -202,7 +255,7 @@ def _live_children(parent: int) -> dict[int, str]:
 @pytest.fixture
 async def redis_client(redis_url: str) -> AsyncIterator[aredis.Redis]:
     """An independent async client (redis-py) to look at and poke at Redis with."""
-    client = aredis.Redis.from_url(redis_url)
+    client = redis_py(redis_url, asynchronous=True)
     yield client
     await client.aclose()
 

@@ -1,4 +1,7 @@
-"""Distributed autograd: backward passes that cross agents, against local computations."""
+"""Distributed autograd: backward passes that cross agents, against local computations.
+
+Every test runs on a single Redis and on a Redis Cluster (the `cluster` mark).
+"""
 
 from __future__ import annotations
 
@@ -11,12 +14,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-import redis
 
 import asyncgrad as ag
 from asyncgrad import dist_autograd, rpc
 from asyncgrad.dist_autograd.context import contexts_of
 from tests import dist_funcs  # noqa: F401 - exposes the dt.* functions
+from tests.conftest import redis_py
+
+pytestmark = pytest.mark.cluster
 
 X = np.random.default_rng(0).standard_normal((3, 4))
 
@@ -241,7 +246,7 @@ async def test_concurrent_contexts_from_two_drivers(
 async def test_many_contexts_leave_nothing_behind(
     redis_url: str, driver: rpc.Agent, workers: list[rpc.Agent], namespace: str
 ) -> None:
-    client = redis.Redis.from_url(redis_url)
+    client = redis_py(redis_url)
     try:
 
         async def step() -> None:

@@ -26,6 +26,8 @@ LAYER_OF = {
     "codec": "codec",
     "resp": "transport",
     "transport": "transport",
+    "transport.cluster": "transport",
+    "transport.slots": "transport",
     "transport.connections": "transport",
     "transport.heartbeats": "transport",
     "transport.keys": "transport",

@@ -24,13 +24,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-import redis
 
 import asyncgrad as ag
 from asyncgrad import rpc
 from asyncgrad.errors import AgentNameTaken
 from asyncgrad.rpc import Agent, RRef, WorkerInfo
 from tests import rpc_funcs as f
+from tests.conftest import own_namespace
 from tests.rpc_funcs import CALLS, Box, Gate, Holder
 
 DEADLINE = 5.0  # seconds any single wait in this file may take before the test fails
@@ -96,16 +96,19 @@ def same(a: Any, b: Any) -> bool:
 # *** expose ***
 
 
+@pytest.mark.cluster
 async def test_sync_function(make_agent: MakeAgent) -> None:
     a, _ = await make_agent("a"), await make_agent("b")
     assert await a.rpc_async("b", f.add, args=(2, 3)) == 5
 
 
+@pytest.mark.cluster
 async def test_async_function(make_agent: MakeAgent) -> None:
     a, _ = await make_agent("a"), await make_agent("b")
     assert await a.rpc_async("b", f.mul, args=(6, 7)) == 42
 
 
+@pytest.mark.cluster
 async def test_exposed_class_made_remotely(make_agent: MakeAgent) -> None:
     a, _ = await make_agent("a"), await make_agent("b")
     box = await a.remote("b", Box, args=(5,))
@@ -133,6 +136,7 @@ def test_expose_returns_the_object_unchanged() -> None:
 
 
 @pytest.mark.parametrize("name", ["os:system", "builtins:eval", "builtins:exec"])
+@pytest.mark.cluster
 async def test_unexposed_name_runs_nothing(
     make_agent: MakeAgent, tmp_path: Path, name: str
 ) -> None:
@@ -183,6 +187,7 @@ async def test_subclass_of_an_exposed_class_is_not_exposed(make_agent: MakeAgent
 # *** arguments and results ***
 
 
+@pytest.mark.cluster
 async def test_args_and_kwargs(make_agent: MakeAgent) -> None:
     a, _ = await make_agent("a"), await make_agent("b")
     got = await a.rpc_async("b", f.describe, args=(1, "two"), kwargs={"three": 3.0, "four": None})
@@ -249,6 +254,7 @@ async def test_tuple_arguments_stay_tuples_on_the_callee(make_agent: MakeAgent) 
     assert same(got["args"], ((1, 2), [3], {"k": (4,)}))
 
 
+@pytest.mark.cluster
 async def test_tensors_keep_data_dtype_and_requires_grad(make_agent: MakeAgent) -> None:
     a, _ = await make_agent("a"), await make_agent("b")
     leaf = ag.tensor([[1.0, 2.0], [3.0, 4.0]], requires_grad=True)
@@ -323,6 +329,7 @@ async def test_unserialisable_result_is_a_remote_type_error(make_agent: MakeAgen
 # *** errors ***
 
 
+@pytest.mark.cluster
 async def test_remote_error_carries_worker_type_and_traceback(make_agent: MakeAgent) -> None:
     a, _ = await make_agent("a"), await make_agent("b")
     with pytest.raises(ag.RemoteError) as raised:
@@ -354,6 +361,7 @@ async def test_error_in_async_function_and_in_method(make_agent: MakeAgent) -> N
     assert await box.rpc_async().get() == "text"  # the value survived both failures
 
 
+@pytest.mark.cluster
 async def test_rpc_timeout_with_explicit_timeout(make_agent: MakeAgent) -> None:
     a, _ = await make_agent("a"), await make_agent("b")
     g = gate()
@@ -394,6 +402,7 @@ async def test_rref_calls_time_out(make_agent: MakeAgent) -> None:
     g.opened.set()
 
 
+@pytest.mark.cluster
 async def test_unknown_worker_is_unavailable_at_once(make_agent: MakeAgent) -> None:
     a = await make_agent("a")
     started = time.monotonic()
@@ -406,6 +415,7 @@ async def test_unknown_worker_is_unavailable_at_once(make_agent: MakeAgent) -> N
     assert time.monotonic() - started < 1.0
 
 
+@pytest.mark.cluster
 async def test_worker_that_shut_down_is_unavailable(make_agent: MakeAgent) -> None:
     a, b, c = await make_agent("a"), await make_agent("b"), await make_agent("c")
     assert await a.rpc_async("b", f.add, args=(1, 2)) == 3  # a has just seen b alive
@@ -420,6 +430,7 @@ async def test_worker_that_shut_down_is_unavailable(make_agent: MakeAgent) -> No
         await a.get_worker_info("b")
 
 
+@pytest.mark.cluster
 async def test_call_in_flight_to_a_worker_that_stops_is_unavailable(
     make_agent: MakeAgent,
 ) -> None:
@@ -443,6 +454,7 @@ async def test_calls_from_a_stopped_agent_fail(make_agent: MakeAgent) -> None:
 # *** RRef ***
 
 
+@pytest.mark.cluster
 async def test_remote_returns_an_rref_held_here(make_agent: MakeAgent) -> None:
     a, b = await make_agent("a"), await make_agent("b")
     box = await a.remote("b", Box, args=(np.arange(3),))
@@ -465,6 +477,7 @@ async def test_remote_of_a_function_keeps_its_result_there(make_agent: MakeAgent
     assert same(await total.to_here(timeout=DEADLINE), np.full(2, 2.0))
 
 
+@pytest.mark.cluster
 async def test_rref_method_calls(make_agent: MakeAgent) -> None:
     a, _ = await make_agent("a"), await make_agent("b")
     box = await a.remote("b", Box, kwargs={"value": 1})
@@ -535,6 +548,7 @@ async def test_rref_passed_to_its_owner_is_local_there(make_agent: MakeAgent) ->
     assert await a.rpc_async("b", f.inspect_rref, args=(wrapped,)) == ("b", True, 4)
 
 
+@pytest.mark.cluster
 async def test_rref_as_argument_and_result(make_agent: MakeAgent) -> None:
     a, b, c = await make_agent("a"), await make_agent("b"), await make_agent("c")
     box = await a.remote("b", Box, args=(41,))
@@ -559,6 +573,7 @@ async def test_rref_made_inside_a_served_call_is_owned_by_the_server(
     assert len(b._rrefs) == 1
 
 
+@pytest.mark.cluster
 async def test_third_agent_forwards_an_rref_it_does_not_own(make_agent: MakeAgent) -> None:
     agents = [await make_agent(name) for name in ("a", "b", "c", "d")]
     a, b = agents[:2]
@@ -579,6 +594,7 @@ async def test_third_agent_forwards_an_rref_it_does_not_own(make_agent: MakeAgen
 # *** distributed reference counting ***
 
 
+@pytest.mark.cluster
 async def test_owner_frees_when_the_last_reference_is_collected(make_agent: MakeAgent) -> None:
     a, b = await make_agent("a"), await make_agent("b")
     box = await a.remote("b", Box)
@@ -619,6 +635,7 @@ async def test_value_lives_while_a_third_agent_holds_it(make_agent: MakeAgent) -
     await until(lambda: len(b._rrefs) == 0, c, "b")
 
 
+@pytest.mark.cluster
 async def test_owner_frees_when_the_holder_leaves(make_agent: MakeAgent) -> None:
     a, b, c = await make_agent("a"), await make_agent("b"), await make_agent("c")
     kept = [await a.remote("b", Box, args=(i,)) for i in range(3)]
@@ -845,6 +862,7 @@ async def test_served_calls_start_from_a_clean_context(make_agent: MakeAgent) ->
         assert await a.rpc_async("b", f.grad_enabled) is True
 
 
+@pytest.mark.cluster
 async def test_nested_call_goes_out_as_the_serving_agent(
     redis_url: str, namespace: str, make_agent: MakeAgent
 ) -> None:
@@ -874,6 +892,7 @@ async def test_nested_call_uses_the_serving_agents_timeout(make_agent: MakeAgent
 # *** agents ***
 
 
+@pytest.mark.cluster
 async def test_names_ids_and_worker_info(make_agent: MakeAgent) -> None:
     agents = [await make_agent(name) for name in ("a", "b", "c")]
     assert [x.name for x in agents] == ["a", "b", "c"]
@@ -898,6 +917,7 @@ async def test_an_agent_name_keeps_its_id(make_agent: MakeAgent) -> None:
     assert await a.get_worker_info("b") == WorkerInfo("b", b.id)
 
 
+@pytest.mark.cluster
 async def test_a_name_held_by_a_live_agent_is_refused_and_the_holder_keeps_working(
     make_agent: MakeAgent, namespace: str
 ) -> None:
@@ -943,6 +963,7 @@ async def test_redis_url_defaults_to_the_environment(
     assert Agent("x").namespace == "asyncgrad"
 
 
+@pytest.mark.cluster
 async def test_graceful_shutdown_finishes_the_calls_being_served(make_agent: MakeAgent) -> None:
     a, b = await make_agent("a"), await make_agent("b")
     g = gate()
@@ -1068,14 +1089,11 @@ async def test_shutdown_twice_and_exit_on_error(redis_url: str, namespace: str) 
 
 @pytest.fixture
 def other_namespace(redis_url: str) -> Iterator[str]:
-    ns = "t-" + uuid.uuid4().hex[:12]
-    yield ns
-    with redis.Redis.from_url(redis_url) as client:
-        keys = list(client.scan_iter(match=f"{ns}:*", count=1000))
-        if keys:
-            client.delete(*keys)
+    with own_namespace(redis_url) as ns:
+        yield ns
 
 
+@pytest.mark.cluster
 async def test_namespaces_are_isolated(
     redis_url: str, namespace: str, other_namespace: str, make_agent: MakeAgent
 ) -> None:
@@ -1097,6 +1115,7 @@ async def test_namespaces_are_isolated(
 # *** concurrency ***
 
 
+@pytest.mark.cluster
 async def test_many_concurrent_calls(make_agent: MakeAgent) -> None:
     a, _, _ = await make_agent("a"), await make_agent("b"), await make_agent("c")
     n = 2000
@@ -1107,6 +1126,7 @@ async def test_many_concurrent_calls(make_agent: MakeAgent) -> None:
     assert got == [i * i if i % 2 else i + i for i in range(n)]
 
 
+@pytest.mark.cluster
 async def test_concurrent_calls_between_agents_both_ways(make_agent: MakeAgent) -> None:
     a, b = await make_agent("a"), await make_agent("b")
     arrays = [np.full(64, i, dtype=np.float32) for i in range(200)]

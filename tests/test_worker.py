@@ -13,7 +13,6 @@ import struct
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -31,7 +30,7 @@ from asyncgrad.resp import RedisAddress
 from asyncgrad.rpc import Agent
 from asyncgrad.transport import GROUP, Inbound, Transport, dead_letters, heartbeat, inbox
 from tests import worker_funcs  # noqa: F401  (exposes test.echo in this process too)
-from tests.conftest import DEADLINE, ROOT, WorkerProcess, eventually
+from tests.conftest import DEADLINE, ROOT, WorkerProcess, eventually, own_namespace, redis_py
 
 FUNCS = "tests.worker_funcs"
 LIFECYCLE = [
@@ -150,6 +149,7 @@ def test_a_second_worker_under_a_live_name_exits_1_with_one_line(
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+@pytest.mark.cluster
 async def test_a_signal_drains_the_call_in_flight_then_exits_0(
     signum: signal.Signals,
     spawn_worker: Callable[..., WorkerProcess],
@@ -435,12 +435,8 @@ async def test_ten_thousand_calls_leave_no_growth_in_redis(
 
 @pytest.fixture
 def other_namespace(redis_url: str) -> Iterator[str]:
-    ns = "t-" + uuid.uuid4().hex[:12]
-    yield ns
-    with redis.Redis.from_url(redis_url) as client:
-        keys = list(client.scan_iter(match=f"{ns}:*", count=1000))
-        if keys:
-            client.delete(*keys)
+    with own_namespace(redis_url) as ns:
+        yield ns
 
 
 async def test_namespaces_are_isolated(
@@ -564,6 +560,7 @@ async def test_client_kill_of_a_worker_process_during_traffic(
 # *** asyncgrad status ***
 
 
+@pytest.mark.cluster
 async def test_status_collects_a_live_worker_its_backlog_pending_and_dead_letters(
     spawn_worker: Callable[..., WorkerProcess],
     make_agent: Any,
@@ -592,6 +589,7 @@ async def test_status_collects_a_live_worker_its_backlog_pending_and_dead_letter
     assert (w.backlog, w.pending, w.dead_letters) == (0, 0, 1)
 
 
+@pytest.mark.cluster
 async def test_status_shows_the_contexts_open_on_each_agent(
     make_agent: Any, redis_url: str, namespace: str
 ) -> None:
@@ -626,6 +624,7 @@ def _table_rows(out: str) -> dict[str, list[str]]:
     return rows
 
 
+@pytest.mark.cluster
 def test_status_command_shows_the_worker_and_counts_a_dead_letter(
     spawn_worker: Callable[..., WorkerProcess],
     redis_url: str,
@@ -642,7 +641,7 @@ def test_status_command_shows_the_worker_and_counts_a_dead_letter(
     (worker_id, alive, age, backlog, pending, dead, contexts) = _table_rows(out)["w"]
     assert (worker_id, alive, backlog, pending, dead, contexts) == ("0", "yes", "0", "0", "0", "0")
     assert age.endswith(" s") and float(age[:-2]) < 3.0
-    with redis.Redis.from_url(redis_url) as client:
+    with redis_py(redis_url) as client:
         client.xadd(inbox(namespace, "w"), {b"\xff": b"\x00"})
         # Wait on the worker's own report of it, not on a timer.
         assert worker.process.stderr is not None

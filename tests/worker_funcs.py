@@ -12,7 +12,8 @@ import os
 from typing import Any
 
 from asyncgrad import rpc
-from asyncgrad.resp import Connection, RedisAddress
+from asyncgrad.resp import RedisAddress
+from asyncgrad.transport.cluster import connect
 
 
 @rpc.expose(name="test.echo")
@@ -32,7 +33,7 @@ def whoami() -> tuple[str, str, int]:
 async def hold(started: str, release: str | None, value: Any = None) -> Any:
     """Push to list `started`, then wait for an item on list `release` (None: forever)."""
     address = RedisAddress.from_url(rpc.current_agent().redis_url)
-    conn = await Connection.open(address)
+    conn = await connect(address)
     try:
         await conn.execute("RPUSH", started, os.getpid())
         if release is None:

@@ -79,7 +79,10 @@ class WorkerInfo:
 class Agent:
     """A worker or driver: serves exposed functions and calls other agents.
 
-    `redis_url=None` means `$ASYNCGRAD_REDIS_URL`, else `redis://127.0.0.1:6379/0`.
+    `redis_url=None` means `$ASYNCGRAD_REDIS_URL`, else `redis://127.0.0.1:6379/0`. Also
+    `rediss://` (TLS), `unix:///path/to/redis.sock`, and for a Redis Cluster
+    `redis+cluster://[user:password@]host:port[,host:port...]` (some of its nodes; or
+    `rediss+cluster://`): see `asyncgrad.resp`.
     """
 
     # Set by asyncgrad.dist_autograd on import; every agent then gets its own seam.

@@ -9,7 +9,9 @@ One agent's `Transport` owns three parts, each with a connection of its own:
   thread so that a busy event loop never looks dead.
 
 `keys` builds every key name (each carries the namespace) and holds the scripts about
-names; `connections` has the timings, and opens and names each connection.
+names; `connections` has the timings, and opens and names each connection; over a Redis
+Cluster each of them is a `cluster.ClusterConnection`, which sends every command to the
+master of its key's hash slot (`slots`; all of one agent's keys share one).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from asyncgrad.errors import TransportError
-from asyncgrad.resp import Arg, Connection, ConnectionLost, RedisAddress
+from asyncgrad.resp import Arg, ConnectionLost, RedisAddress
+from asyncgrad.transport.cluster import RedisLink
 from asyncgrad.transport.connections import Endpoint, TransportSettings
 from asyncgrad.transport.heartbeats import Heartbeat, heartbeat_fields
 from asyncgrad.transport.keys import (
@@ -94,7 +97,7 @@ class Transport:
         self._reader.read()
         return self.id
 
-    async def _register(self, conn: Connection) -> int:
+    async def _register(self, conn: RedisLink) -> int:
         """The registry entry (the reader reruns this after every reconnect); the first
         time, the name's claim too."""
         self.id = int(await conn.execute("EVAL", REGISTER, 1, registry(self.namespace), self.name))

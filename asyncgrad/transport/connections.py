@@ -12,7 +12,8 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from asyncgrad.resp import Connection, ConnectionLost, RedisAddress, SyncConnection
+from asyncgrad.resp import ConnectionLost, RedisAddress
+from asyncgrad.transport.cluster import RedisLink, SyncRedisLink, connect, connect_sync
 
 __all__ = ["FIRST_RETRY_DELAY", "Endpoint", "TransportSettings"]
 
@@ -46,24 +47,32 @@ class Endpoint:
         return f"asyncgrad:{self.namespace}:{self.name}:{role}"
 
     async def open(
-        self, role: str, on_lost: Callable[[Connection], None] | None = None
-    ) -> Connection:
-        """A connection, or `ConnectionLost` within `connect_timeout`."""
-        return await Connection.open(
+        self,
+        role: str,
+        on_lost: Callable[[RedisLink], None] | None = None,
+        spill: Callable[[], RedisLink | None] | None = None,
+    ) -> RedisLink:
+        """A connection (to a cluster, if the address is one; `spill`: see
+        `ClusterConnection.open`), or `ConnectionLost` within `connect_timeout`."""
+        return await connect(
             self.address,
             name=self.client_name(role),
             connect_timeout=self.settings.connect_timeout,
             on_lost=on_lost,
+            spill=spill,
         )
 
     async def open_with_backoff(
-        self, role: str, on_lost: Callable[[Connection], None] | None = None
-    ) -> Connection:
+        self,
+        role: str,
+        on_lost: Callable[[RedisLink], None] | None = None,
+        spill: Callable[[], RedisLink | None] | None = None,
+    ) -> RedisLink:
         """A connection, however long Redis takes to come back (the caller bounds it)."""
         delay = FIRST_RETRY_DELAY
         for attempt in itertools.count(1):
             try:
-                return await self.open(role, on_lost)
+                return await self.open(role, on_lost, spill)
             except ConnectionLost as e:
                 logger.warning(
                     "event=reconnect_failed agent=%s role=%s attempt=%d retry_in=%.2fs error=%s",
@@ -74,6 +83,6 @@ class Endpoint:
                 delay = min(delay * 2, self.settings.reconnect_max_delay)
         raise AssertionError("unreachable")
 
-    def open_sync(self, role: str) -> SyncConnection:
+    def open_sync(self, role: str) -> SyncRedisLink:
         """A blocking connection, for a thread that must not depend on the event loop."""
-        return SyncConnection(self.address, name=self.client_name(role))
+        return connect_sync(self.address, name=self.client_name(role))

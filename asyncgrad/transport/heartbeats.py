@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable
 
 from asyncgrad.errors import AgentNameTaken, TransportError
-from asyncgrad.resp import Connection, SyncConnection
+from asyncgrad.transport.cluster import RedisLink, SyncRedisLink
 from asyncgrad.transport.connections import Endpoint
 from asyncgrad.transport.keys import SET_HEARTBEAT, heartbeat
 
@@ -66,7 +66,7 @@ class Heartbeat:
             f"pidns={_pid_namespace()} ttl_ms={self._ttl_ms} contexts={contexts}"
         )
 
-    async def claim(self, conn: Connection) -> None:
+    async def claim(self, conn: RedisLink) -> None:
         """Set the key if nobody holds the name, or its holder is gone; else raise."""
         name, namespace = self._endpoint.name, self._endpoint.namespace
         for _ in range(_CLAIM_ATTEMPTS):
@@ -120,12 +120,12 @@ class Heartbeat:
         else:
             logger.warning("event=heartbeat_stop_timeout agent=%s", self._endpoint.name)
 
-    def _beat(self, conn: SyncConnection) -> bool:
+    def _beat(self, conn: SyncRedisLink) -> bool:
         """Refresh the key; False if another run holds the name now."""
         args = (self.key, self.token, self.value(), self._ttl_ms)
         return bool(conn.execute("EVAL", SET_HEARTBEAT, 1, *args))
 
-    def _beat_forever(self, conn: SyncConnection | None, done: asyncio.Future[None]) -> None:
+    def _beat_forever(self, conn: SyncRedisLink | None, done: asyncio.Future[None]) -> None:
         loop, name = done.get_loop(), self._endpoint.name
         ours = True
         try:

@@ -16,7 +16,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from asyncgrad.resp import Connection, ConnectionLost, ReplyError
+from asyncgrad.resp import ConnectionLost, ReplyError
+from asyncgrad.transport.cluster import RedisLink
 from asyncgrad.transport.connections import FIRST_RETRY_DELAY, Endpoint
 from asyncgrad.transport.keys import GROUP, inbox
 from asyncgrad.transport.writer import Writer
@@ -56,14 +57,14 @@ class Reader:
         endpoint: Endpoint,
         writer: Writer,
         deliver: Callable[[list[Inbound]], None],
-        register: Callable[[Connection], Awaitable[int]],
+        register: Callable[[RedisLink], Awaitable[int]],
     ) -> None:
         self._endpoint = endpoint
         self._writer = writer
         self._deliver = deliver
         self._register = register
         self._inbox = inbox(endpoint.namespace, endpoint.name)
-        self.conn: Connection | None = None
+        self.conn: RedisLink | None = None
         self._closing = False
         self._last_id = b"0"  # own pending entries first: delivered before, never acked
         # Entries delivered to the layer above and not yet done: a re-read of the pending
@@ -73,7 +74,7 @@ class Reader:
 
     async def start(self) -> None:
         """Connect and prepare the inbox; reading begins with `read`."""
-        self.conn = await self._endpoint.open("reader")
+        self.conn = await self._endpoint.open("reader", spill=self._writer_conn)
         await self._prepare(self.conn)
 
     async def close(self) -> None:
@@ -104,6 +105,10 @@ class Reader:
             fields += [b"f", frame]
         self._writer.dead_letter(message.entry.id, fields, reason)
         self.done(message)
+
+    def _writer_conn(self) -> RedisLink | None:
+        # Over a cluster, it takes what would wait behind this reader's blocking read.
+        return self._writer.conn
 
     # *** reading ***
 
@@ -147,7 +152,7 @@ class Reader:
         # and the next read, in one write.
         asyncio.get_running_loop().call_soon(self._finish_batch, conn)
 
-    def _finish_batch(self, conn: Connection | None) -> None:
+    def _finish_batch(self, conn: RedisLink | None) -> None:
         try:
             self._writer.flush()
         finally:
@@ -176,7 +181,7 @@ class Reader:
 
     # *** recovery ***
 
-    async def _prepare(self, conn: Connection) -> int:
+    async def _prepare(self, conn: RedisLink) -> int:
         """Registry entry, inbox and group: idempotent, rerun after every reconnect (a
         Redis restarted without persistence lost them); returns the agent's id.
 
@@ -211,7 +216,9 @@ class Reader:
             while not self._closing:
                 reader = self.conn
                 if reader is None or not reader.is_open:
-                    reader = self.conn = await self._endpoint.open_with_backoff("reader")
+                    reader = self.conn = await self._endpoint.open_with_backoff(
+                        "reader", spill=self._writer_conn
+                    )
                 try:
                     agent_id = await self._prepare(reader)
                     break
@@ -229,7 +236,7 @@ class Reader:
         self._last_id = b"0"
         self.read()
 
-    async def _reclaim(self, conn: Connection) -> None:
+    async def _reclaim(self, conn: RedisLink) -> None:
         """Dead-letter own pending entries delivered too often (a message that crashes us).
 
         Entries this reader is still handling count as delivered once, however often a

@@ -14,7 +14,8 @@ from collections.abc import Callable
 from typing import Any
 
 from asyncgrad.errors import TransportError
-from asyncgrad.resp import Arg, Connection, ConnectionLost
+from asyncgrad.resp import Arg, ConnectionLost
+from asyncgrad.transport.cluster import RedisLink
 from asyncgrad.transport.connections import Endpoint
 from asyncgrad.transport.keys import GROUP, dead_letters, inbox
 
@@ -43,8 +44,8 @@ class Writer:
     def __init__(self, endpoint: Endpoint) -> None:
         self._endpoint = endpoint
         self._inbox = inbox(endpoint.namespace, endpoint.name)
-        self.conn: Connection | None = None
-        self.via: Connection | None = None
+        self.conn: RedisLink | None = None
+        self.via: RedisLink | None = None
         self.closed = False  # gave up on the writer: no more resends
         self._outbox: dict[str, list[tuple[list[bytes | memoryview], asyncio.Future[None]]]] = {}
         self._acks: list[bytes] = []
@@ -177,7 +178,7 @@ class Writer:
 
     # *** the connection ***
 
-    async def ready(self) -> Connection:
+    async def ready(self) -> RedisLink:
         """The writer; while it reconnects, waits for it (up to `connect_timeout`)."""
         if self.closed:
             raise TransportError(f"the transport of agent {self._endpoint.name!r} is closed")
@@ -191,7 +192,7 @@ class Writer:
             raise TransportError(f"Redis at {address} is unreachable (reconnecting)")
         return self.conn
 
-    def _on_lost(self, conn: Connection) -> None:
+    def _on_lost(self, conn: RedisLink) -> None:
         # Reconnect at once, not at the next write: queries wait for the writer too.
         if conn is self.conn:
             self._reconnect()
