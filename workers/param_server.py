@@ -50,3 +50,7 @@ class ParameterServer:
 
     def state_dict(self) -> dict[str, Array]:
         return self.model.state_dict()
+
+    def load_state_dict(self, state: dict[str, Array]) -> None:
+        """Restore a checkpoint (what `state_dict` returned), e.g. after a restart."""
+        self.model.load_state_dict(state)

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from asyncgrad.bench import autograd, local, rpc
+from asyncgrad.bench import autograd, local, rpc, soak
 from asyncgrad.bench.options import Options
 
 Workload = Callable[[Options], dict[str, Any]]
@@ -32,19 +32,19 @@ WORKLOADS: dict[str, Workload] = {
     "B5_param_server": autograd.b5_param_server,
     "B6_local_autograd": local.b6_local_autograd,
 }
+# `--soak`: not among the above, so a plain `asyncgrad bench` never runs them.
+SOAK: dict[str, Workload] = {"S1_soak": soak.soak, "S2_chaos": soak.chaos}
 
 
-def select(only: str | None) -> list[str]:
-    """Workload names matching `--only` ("B1,B6" or full names); all when None."""
+def select(only: str | None, pool: dict[str, Workload] = WORKLOADS) -> list[str]:
+    """Workload names of `pool` matching `--only` ("B1,B6" or full names); all when None."""
     if not only:
-        return list(WORKLOADS)
+        return list(pool)
     wanted = {s.strip() for s in only.split(",") if s.strip()}
-    chosen = [name for name in WORKLOADS if name in wanted or name.split("_")[0] in wanted]
+    chosen = [name for name in pool if name in wanted or name.split("_")[0] in wanted]
     unknown = wanted - {n for n in chosen} - {n.split("_")[0] for n in chosen}
     if unknown:
-        raise ValueError(
-            f"unknown workload(s) {sorted(unknown)}; available: {', '.join(WORKLOADS)}"
-        )
+        raise ValueError(f"unknown workload(s) {sorted(unknown)}; available: {', '.join(pool)}")
     return chosen
 
 
@@ -52,10 +52,11 @@ def run(names: list[str], options: Options, json_path: Path | None = None) -> bo
     """Run the named workloads one after another; True when all succeeded."""
     results = []
     started = time.perf_counter()
+    pool = {**WORKLOADS, **SOAK}
     for name in names:
         t0 = time.perf_counter()
         try:
-            record: dict[str, Any] = {"name": name, "ok": True, **WORKLOADS[name](options)}
+            record: dict[str, Any] = {"name": name, "ok": True, **pool[name](options)}
         except Exception as e:
             record = {"name": name, "ok": False, "error": f"{type(e).__name__}: {e}"}
             record["traceback"] = traceback.format_exc()

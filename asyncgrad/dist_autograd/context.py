@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from asyncgrad.errors import ContextError, WorkerUnavailable
+from asyncgrad.errors import ContextError, TransportError, WorkerUnavailable
 from asyncgrad.graph import Array, is_grad_enabled
 from asyncgrad.rpc import Agent, current_agent
 from asyncgrad.rpc.messages import Header, Kind, MessageError, require
@@ -162,8 +162,11 @@ class Contexts:
                 peers = sorted({p for r in self._running for p in r.ctx.peers} - {self.agent.name})
                 if not peers:
                     continue
-                alive = await self.agent.alive(peers)
-                dead = {p for p, ok in zip(peers, alive, strict=True) if not ok}
+                try:
+                    dead = await self.agent.gone(peers)
+                except TransportError as e:  # Redis unreachable: passes keep their deadlines
+                    logger.warning("event=pass_watch_failed agent=%s error=%s", self.agent.name, e)
+                    continue
                 for running in [r for r in self._running if r.ctx.peers & dead]:
                     lost = sorted(running.ctx.peers & dead)[0]
                     running.fail(
@@ -243,6 +246,17 @@ class Contexts:
         from .passes import handle
 
         handle(self, header.sender, header.kind, payload)
+
+    def inbox_lost(self, agent: Agent) -> None:
+        """Redis lost this agent's inbox: a pass running here may wait for a message that
+        is gone, so each fails (everywhere) now rather than at its deadline."""
+        for running in list(self._running):
+            running.fail(
+                ContextError(
+                    f"Redis lost the inbox of {agent.name!r} during backward (restarted "
+                    "without persistence?): messages of the pass may be gone"
+                )
+            )
 
     def send(self, dest: str, kind: Kind, payload: Any) -> asyncio.Future[None]:
         """A message whose storing someone waits for (a gradient, a pass start)."""

@@ -16,10 +16,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextvars
+import functools
 import itertools
 import logging
 import os
 import secrets
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from types import TracebackType
@@ -37,7 +39,7 @@ from asyncgrad.rpc.rref import RRef, RRefTable
 from asyncgrad.rpc.seam import AutogradSeam
 from asyncgrad.rpc.server import Server
 from asyncgrad.tensor import Tensor
-from asyncgrad.transport import Inbound, Transport, TransportSettings
+from asyncgrad.transport import Inbound, InboxMissing, Transport, TransportSettings
 
 __all__ = ["Agent", "AutogradSeam", "WorkerInfo", "current_agent", "default_redis_url"]
 
@@ -49,6 +51,9 @@ _current: contextvars.ContextVar[Agent | None] = contextvars.ContextVar(
 # What `rpc.init` started: current for every task of the process that has no agent of its own.
 _process_default: list[Agent] = []
 _RECENT = 20_000  # message ids remembered to drop duplicates (resends after a reconnect)
+# Posted again while their receiver has no inbox (`_post_resending`); not count updates,
+# whose order matters, nor a goodbye.
+_RESENT = frozenset({Kind.REPLY, Kind.PASS_DONE, Kind.PASS_ABORT, Kind.CONTEXT_RELEASE})
 
 
 def current_agent() -> Agent:
@@ -114,6 +119,7 @@ class Agent:
             self._deliver,
             settings,
             open_contexts=self._open_contexts,
+            on_inbox_lost=self._on_inbox_lost,
         )
         self._rrefs = RRefTable(name)
         self._references = References(self)
@@ -328,6 +334,11 @@ class Agent:
         """Whether each named agent's heartbeat is current."""
         return await self._transport.alive(names)
 
+    async def gone(self, names: list[str]) -> set[str]:
+        """Those of the named agents known to be gone: their heartbeat lapsed (not merely
+        missing from a Redis this agent reached again only just now)."""
+        return await self._liveness.gone(names)
+
     async def workers(self) -> list[WorkerInfo]:
         """Every live agent of the namespace, this one included, by id."""
         agents = await self._transport.agents()
@@ -343,7 +354,74 @@ class Agent:
 
     def post(self, dest: str, kind: Kind, payload: Any) -> None:
         """`send`, for a message nobody waits for: a failure to store it is only logged."""
-        self._transport.post(dest, self._one_way(dest, kind, payload))
+        frames = self._one_way(dest, kind, payload)
+        if kind in _RESENT:
+            self._post_resending(dest, frames)
+        else:
+            self._transport.post(dest, frames)
+
+    def _post_resending(
+        self,
+        dest: str,
+        frames: list[Any],
+        over: Callable[[], None] | None = None,
+        deadline: float | None = None,
+        delay: float = 0.05,
+    ) -> None:
+        """Post; while `dest` has no inbox, post again for up to `failure_timeout`: after a
+        Redis restart lost every inbox, a live agent's comes back within a reconnect. (The
+        receiver drops a duplicate by its message id.) `over()` runs once the message is
+        stored or given up."""
+        if deadline is None:
+            deadline = time.monotonic() + self.failure_timeout
+        stored = self._transport.send(dest, frames)
+        stored.add_done_callback(
+            functools.partial(self._resend_unstored, dest, frames, over, deadline, delay)
+        )
+
+    def _resend_unstored(
+        self,
+        dest: str,
+        frames: list[Any],
+        over: Callable[[], None] | None,
+        deadline: float,
+        delay: float,
+        stored: asyncio.Future[None],
+    ) -> None:
+        error = None if stored.cancelled() else stored.exception()
+        if isinstance(error, InboxMissing) and time.monotonic() + delay < deadline:
+            again = (dest, frames, over, deadline, min(delay * 2, 1.0))
+            asyncio.get_running_loop().call_later(delay, self._resend, *again)  # retry timer
+            return
+        if over is not None:
+            over()
+        if error is not None:
+            # A receiver that left needs nobody's answer or notice: expected, not a warning.
+            level = logging.DEBUG if isinstance(error, InboxMissing) else logging.WARNING
+            logger.log(level, "event=send_failed agent=%s to=%s error=%s", self.name, dest, error)
+
+    def _resend(
+        self,
+        dest: str,
+        frames: list[Any],
+        over: Callable[[], None] | None,
+        deadline: float,
+        delay: float,
+    ) -> None:
+        if self._running():
+            self._post_resending(dest, frames, over, deadline, delay)
+        elif over is not None:
+            over()
+
+    def _on_inbox_lost(self) -> None:
+        """Redis lost this agent's inbox (a restart without persistence): messages on their
+        way, to it or from it, may be gone. Calls whose callee has no record of them fail
+        now, and backward passes running here fail, instead of waiting out their timeouts."""
+        logger.warning("event=inbox_lost agent=%s", self.name)
+        if self.seam is not None:
+            self.seam.inbox_lost(self)
+        if self._running():
+            self._spawn(self._calls.recheck(), self._serving_context())
 
     def _one_way(self, dest: str, kind: Kind, payload: Any, reply_to: int = 0) -> list[Any]:
         frames, _ = self._encode(dest, kind, next(self._ids), payload, reply_to)

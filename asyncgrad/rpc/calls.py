@@ -10,11 +10,20 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from asyncgrad.errors import CodecError, RemoteError, RpcError, RPCTimeout, WorkerUnavailable
+from asyncgrad.errors import (
+    CodecError,
+    RemoteError,
+    RpcError,
+    RPCTimeout,
+    TransportError,
+    WorkerUnavailable,
+)
 from asyncgrad.rpc.messages import Call, Header, Kind, Reply
+from asyncgrad.rpc.server import UNANSWERED
 from asyncgrad.transport import Inbound, InboxMissing
 
 if TYPE_CHECKING:
@@ -128,6 +137,50 @@ class Calls:
     def waiting(self) -> list[asyncio.Future[Any]]:
         """The futures of the calls in flight (a graceful shutdown waits for them)."""
         return [p.future for p in self._pending.values()]
+
+    async def recheck(self) -> None:
+        """Redis lost this agent's inbox: ask each callee which of the calls in flight it
+        still has, and fail the others now (their request or their reply went with Redis's
+        data) rather than at their timeout."""
+        waiting: dict[str, list[int]] = {}
+        for call_id, pending in self._pending.items():
+            if pending.fn != UNANSWERED:
+                waiting.setdefault(pending.dest, []).append(call_id)
+        await asyncio.gather(*(self._recheck(dest, ids) for dest, ids in waiting.items()))
+
+    async def _recheck(self, dest: str, call_ids: list[int]) -> None:
+        agent = self._agent
+        deadline, delay = time.monotonic() + agent.failure_timeout, 0.05
+        while True:
+            try:
+                known = await agent.rpc_async(
+                    dest, UNANSWERED, args=(agent.name,), timeout=agent.failure_timeout
+                )
+                break
+            except WorkerUnavailable:
+                # Its inbox may not be back yet: its reader reconnects with a backoff too.
+                if time.monotonic() + delay > deadline:
+                    return  # cannot ask: liveness and the calls' timeouts still bound them
+                await asyncio.sleep(delay)  # retry timer
+                delay *= 2
+            except (RpcError, TransportError) as e:
+                logger.info("event=recheck_failed agent=%s callee=%s error=%s", agent.name, dest, e)
+                return
+        lost = set(call_ids) - set(known)
+        logger.info(
+            "event=rechecked agent=%s callee=%s calls=%d lost=%d",
+            agent.name, dest, len(call_ids), len(lost),
+        )  # fmt: skip
+        for call_id in lost:
+            pending = self._pending.get(call_id)
+            if pending is not None:
+                _fail(
+                    pending.future,
+                    TransportError(
+                        f"{pending.fn} on {dest!r}: Redis lost its data while the call was in "
+                        "flight (restarted without persistence?); its request or reply is gone"
+                    ),
+                )
 
     def fail(self, error: BaseException, dest: str | None = None) -> None:
         """End the calls to `dest` (None: all calls) with `error`."""

@@ -4,6 +4,11 @@ this one waits for (the callees of its calls) or counts (the holders of its RRef
 Liveness comes from heartbeats: a call to an agent that is not registered, or whose
 heartbeat lapsed, fails with `WorkerUnavailable` at once, and within the failure window
 for calls in flight; the references a lost agent held are dropped.
+
+After a reconnect, a missing heartbeat counts only once the failure window has passed: a
+Redis restarted without persistence has lost every heartbeat, and each live agent sets its
+own again within one heartbeat interval of reaching it (a fraction of the window, if agents
+share it).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ class Liveness:
 
     def __init__(self, agent: Agent, failure_timeout: float) -> None:
         self._agent = agent
+        self._failure_timeout = failure_timeout
         self._check_every = failure_timeout * 0.2
         self._alive_at: dict[str, float] = {}
         self.wanted = asyncio.Event()
@@ -41,11 +47,24 @@ class Liveness:
         if time.monotonic() - self._alive_at.get(name, -1e9) < self._check_every:
             return
         (alive,) = await self._agent._transport.alive([name])
-        if not alive:
+        if alive:
+            self._alive_at[name] = time.monotonic()
+        elif self.can_tell():
             raise WorkerUnavailable(
                 f"no live worker named {name!r} in namespace {self._agent.namespace!r}"
             )
-        self._alive_at[name] = time.monotonic()
+
+    def can_tell(self) -> bool:
+        """Whether a missing heartbeat means that its agent is gone (see the module's doc)."""
+        since = time.monotonic() - self._agent._transport.reconnected_at
+        return since >= self._failure_timeout
+
+    async def gone(self, names: list[str]) -> set[str]:
+        """Those of `names` whose heartbeat lapsed, once this agent can tell."""
+        alive = await self._agent._transport.alive(names)
+        if not self.can_tell():
+            return set()
+        return {name for name, ok in zip(names, alive, strict=True) if not ok}
 
     def forget(self, name: str) -> None:
         """`name` left: the next call to it checks again."""
@@ -75,11 +94,11 @@ class Liveness:
             except TransportError as e:
                 logger.warning("event=liveness_check_failed agent=%s error=%s", agent.name, e)
                 continue
-            now = time.monotonic()
+            now, can_tell = time.monotonic(), self.can_tell()
             for name, ok in zip(names, alive, strict=True):
                 if ok:
                     self._alive_at[name] = now
-                else:
+                elif can_tell:
                     self._lost(name)
 
     def _lost(self, name: str) -> None:

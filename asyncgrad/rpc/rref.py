@@ -13,6 +13,7 @@ zero, and drops the counts of a holder that left or stopped heartbeating.
 from __future__ import annotations
 
 import logging
+import secrets
 from collections import Counter
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -34,7 +35,9 @@ class RRefTable:
         self.owner = owner
         self._values: dict[int, Any] = {}
         self._counts: dict[int, Counter[str]] = {}
-        self._next = 1
+        # Random start: RRefs to an earlier run of this owner (killed and restarted under
+        # the same name) must not name, count or free the values of this one.
+        self._first = self._next = secrets.randbits(40) << 16
 
     def own(self, value: Any) -> int:
         rref_id, self._next = self._next, self._next + 1
@@ -46,9 +49,12 @@ class RRefTable:
         try:
             return self._values[rref_id]
         except KeyError:
-            raise LookupError(
-                f"no value {rref_id} owned by {self.owner} (already freed?)"
-            ) from None
+            why = (
+                "it was freed"
+                if self._first <= rref_id < self._next
+                else f"the RRef is older than this run of {self.owner} (it restarted?)"
+            )
+            raise LookupError(f"no value {rref_id} owned by {self.owner}: {why}") from None
 
     def add(self, rref_id: int, holder: str, delta: int) -> None:
         counts = self._counts.get(rref_id)

@@ -24,8 +24,9 @@ class AutogradSeam(Protocol):
     require grad, and returns the record to put in its header (None: nothing to record);
     `incoming` sees each record that arrives (`call`: it runs in the call's own context);
     `unsent` hears of a recorded call that never reached its callee; `handle` gets the
-    autograd message kinds; `open_contexts` is asked, from the heartbeat's thread, how
-    many contexts are open here (published for `asyncgrad status`).
+    autograd message kinds; `inbox_lost` hears that Redis lost this agent's inbox (its
+    messages in flight may be gone); `open_contexts` is asked, from the heartbeat's
+    thread, how many contexts are open here (published for `asyncgrad status`).
     """
 
     def outgoing(self, agent: Agent, dest: str, tensors: list[Tensor]) -> Any: ...
@@ -37,6 +38,8 @@ class AutogradSeam(Protocol):
     def unsent(self, agent: Agent, dest: str, record: Any) -> None: ...
 
     def handle(self, agent: Agent, header: Header, payload: Any) -> None: ...
+
+    def inbox_lost(self, agent: Agent) -> None: ...
 
     def open_contexts(self) -> int: ...
 

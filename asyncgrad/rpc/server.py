@@ -28,11 +28,29 @@ __all__ = ["Server"]
 logger = logging.getLogger(__name__)
 
 
+# Which calls from a caller are not answered yet: what a caller asks after Redis lost its
+# inbox (Calls.recheck).
+UNANSWERED = "asyncgrad.unanswered"
+
+
+@exposed.expose(name=UNANSWERED)
+def unanswered(caller: str) -> list[int]:
+    """The message ids of the calls from `caller` that this agent has not answered yet."""
+    from asyncgrad.rpc.agent import current_agent
+
+    return current_agent()._server.unanswered(caller)
+
+
 class Server:
     """Runs the calls that arrive at one agent and sends their replies."""
 
     def __init__(self, agent: Agent) -> None:
         self._agent = agent
+        # (caller, message id) of the calls being served, or whose reply is not stored yet.
+        self._unanswered: set[tuple[str, int]] = set()
+
+    def unanswered(self, caller: str) -> list[int]:
+        return [call_id for who, call_id in self._unanswered if who == caller]
 
     def on_call(self, header: Header, message: Inbound) -> None:
         """Run the call (a sync function at once, an async one as a task), then reply."""
@@ -43,6 +61,7 @@ class Server:
             logger.debug("event=call_dropped agent=%s caller=%s", agent.name, header.sender)
             agent._transport.done(message)
             return
+        self._unanswered.add((header.sender, header.id))
         context = agent._serving_context()
         try:
             payload, tensors = agent._decode(message)
@@ -118,11 +137,18 @@ class Server:
         )
         passed = agent._references.take_passed()
         if all(owner == agent.name for owner, _, _ in passed):
-            agent._transport.post(header.sender, frames)
+            self._post((header.sender, header.id), frames)
             return
         # The result passes on RRefs owned elsewhere: their owners must count the caller
         # before the caller can release them.
         agent._spawn(self._send_after_forks(header, passed, frames))
+
+    def _post(self, key: tuple[str, int], frames: list[Any]) -> None:
+        try:
+            self._agent._post_resending(key[0], frames, lambda: self._unanswered.discard(key))
+        except TransportError:
+            self._unanswered.discard(key)
+            raise
 
     async def _send_after_forks(self, header: Header, passed: Passed, frames: list[Any]) -> None:
         try:
@@ -131,4 +157,4 @@ class Server:
             # The result cannot leave; the caller hears why instead of waiting in vain.
             self._reply(header, Reply(error=(type(e).__name__, str(e), "")))
             return
-        self._agent._transport.post(header.sender, frames)
+        self._post((header.sender, header.id), frames)

@@ -63,6 +63,7 @@ class Transport:
     `start` claims the agent's name and refuses with `AgentNameTaken` while a live agent
     holds it. `open_contexts`, if given, is asked at every heartbeat (from the heartbeat's
     thread) for the number published as `contexts=N`, which `asyncgrad status` shows.
+    `on_inbox_lost` hears when Redis lost the inbox (see `Reader`).
     """
 
     def __init__(
@@ -73,6 +74,7 @@ class Transport:
         deliver: Callable[[list[Inbound]], None],
         settings: TransportSettings | None = None,
         open_contexts: Callable[[], int] | None = None,
+        on_inbox_lost: Callable[[], None] | None = None,
     ) -> None:
         self.address = address
         self.namespace = check_name("namespace", namespace)
@@ -81,7 +83,7 @@ class Transport:
         self.id = -1
         endpoint = Endpoint(address, namespace, name, self.settings)
         self._writer = Writer(endpoint)
-        self._reader = Reader(endpoint, self._writer, deliver, self._register)
+        self._reader = Reader(endpoint, self._writer, deliver, self._register, on_inbox_lost)
         self._heartbeat = Heartbeat(endpoint, lambda: self.id, open_contexts or (lambda: 0))
         self._claimed = False
         self._closing = False  # close() began: no new sends, no more reading
@@ -100,7 +102,9 @@ class Transport:
     async def _register(self, conn: RedisLink) -> int:
         """The registry entry (the reader reruns this after every reconnect); the first
         time, the name's claim too."""
-        self.id = int(await conn.execute("EVAL", REGISTER, 1, registry(self.namespace), self.name))
+        # The id it had, if free: after a Redis restart lost the registry, ids stay stable.
+        args = (registry(self.namespace), self.name, self.id)
+        self.id = int(await conn.execute("EVAL", REGISTER, 1, *args))
         if not self._claimed:
             # Before the inbox is touched: a duplicate refused here must not reclaim (and
             # dead-letter) the pending entries of the agent that holds the name.
@@ -171,6 +175,13 @@ class Transport:
         self._reader.dead_letter(message, reason)
 
     # *** queries ***
+
+    @property
+    def reconnected_at(self) -> float:
+        """`time.monotonic()` when the connection `alive` asks on was last made again (-inf:
+        never): a heartbeat missing from a Redis just reached again may not be set again
+        yet (a Redis restarted without persistence lost them all)."""
+        return self._writer.reconnected_at
 
     async def execute(self, *args: Arg) -> Any:
         """One command on the writer connection (for liveness checks and the like)."""

@@ -47,10 +47,16 @@ def registry(namespace: str) -> str:
     return f"{namespace}:registry"
 
 
-# Gives `name` the id it had before, else the smallest free one (ids stay below 2**16).
+# Gives `name` the id it had before, else ARGV[2] if that is free (the id it had before
+# Redis lost the registry), else the smallest free one (ids stay below 2**16).
 REGISTER = """
 local id = redis.call('HGET', KEYS[1], 'n:' .. ARGV[1])
 if id then return tonumber(id) end
+local want = tonumber(ARGV[2])
+if want >= 0 and want < 65536 and redis.call('HSETNX', KEYS[1], 'i:' .. want, ARGV[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'n:' .. ARGV[1], want)
+  return want
+end
 for i = 0, 65535 do
   if redis.call('HSETNX', KEYS[1], 'i:' .. i, ARGV[1]) == 1 then
     redis.call('HSET', KEYS[1], 'n:' .. ARGV[1], i)

@@ -49,7 +49,9 @@ class Reader:
     """Reads the inbox and hands each batch to `deliver`; `done` acks what was handled.
 
     `register` puts the agent in the registry (and returns its id) before the inbox is
-    touched, at start and after every reconnect.
+    touched, at start and after every reconnect. `on_inbox_lost` hears when a reconnect
+    finds the inbox gone (Redis restarted without persistence): messages sent to this
+    agent, or by it and not yet read, may be lost.
     """
 
     def __init__(
@@ -58,11 +60,14 @@ class Reader:
         writer: Writer,
         deliver: Callable[[list[Inbound]], None],
         register: Callable[[RedisLink], Awaitable[int]],
+        on_inbox_lost: Callable[[], None] | None = None,
     ) -> None:
         self._endpoint = endpoint
         self._writer = writer
         self._deliver = deliver
         self._register = register
+        self._on_inbox_lost = on_inbox_lost
+        self._prepared = False
         self._inbox = inbox(endpoint.namespace, endpoint.name)
         self.conn: RedisLink | None = None
         self._closing = False
@@ -193,6 +198,11 @@ class Reader:
         except ReplyError as e:
             if e.code != "BUSYGROUP":
                 raise
+        else:
+            # Created again: Redis lost the inbox, and with it what was sent to us meanwhile.
+            if self._prepared and self._on_inbox_lost is not None:
+                self._on_inbox_lost()
+        self._prepared = True
         await self._reclaim(conn)
         return agent_id
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -47,6 +49,7 @@ class Writer:
         self.conn: RedisLink | None = None
         self.via: RedisLink | None = None
         self.closed = False  # gave up on the writer: no more resends
+        self.reconnected_at = -math.inf  # time.monotonic() of the latest reconnection
         self._outbox: dict[str, list[tuple[list[bytes | memoryview], asyncio.Future[None]]]] = {}
         self._acks: list[bytes] = []
         self._backlog: list[tuple[tuple[Arg, ...], Callable[[Any], None] | None]] = []
@@ -206,6 +209,7 @@ class Writer:
             conn = None
             while conn is None or not conn.is_open:  # lost again before it was used
                 conn = self.conn = await self._endpoint.open_with_backoff("writer", self._on_lost)
+            self.reconnected_at = time.monotonic()
             logger.info(
                 "event=reconnected agent=%s role=writer resend=%d",
                 self._endpoint.name, len(self._backlog),

@@ -1,0 +1,472 @@
+"""`asyncgrad bench --soak`: B5's job for 10,000 steps, once undisturbed and once under chaos.
+
+The job is BENCH.md's B5 setup (a parameter server and two trainers as `asyncgrad worker`
+processes, the MLP 784-256-10, `DistributedOptimizer` SGD) with the `soak.Trainer` of
+workers/soak.py, whose every step has a deadline and is retried, boundedly, when it fails.
+The job keeps a checkpoint of the model (every twentieth of the run, at least 50 steps).
+
+- `soak`: after setup and warm-up, and again at the end, once the streams are empty and
+  Redis holds still: Redis `used_memory` must come back to its baseline (within 1 MiB),
+  and no worker's RSS may grow by 20 MiB or more.
+- `chaos`: the same job, during which the parameter server is SIGKILLed and restarted (the
+  job restores the model from its checkpoint and rebinds the trainers to it), then Redis is
+  stopped and a new, empty one started at the same address. Every step must still finish;
+  the figures say which errors the steps saw, how many were retried, how long each
+  recovery took.
+
+Why the parameter server is the worker killed: it is the one whose loss the job must
+notice and repair (its model is gone: restored from the checkpoint, and both trainers
+must be pointed at the new one), and both trainers' step loops see the failure. A dead
+trainer only takes its own step loop with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import os
+import re
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from asyncgrad.bench.options import Options
+from asyncgrad.errors import ContextError, RpcError, TransportError
+from asyncgrad.local_cluster import LocalCluster
+from asyncgrad.resp import Connection, RedisAddress, ReplyError
+from asyncgrad.rpc import Agent, RRef, expose
+from asyncgrad.transport import GROUP, inbox
+from asyncgrad.worker import run_loop
+
+__all__ = ["CHAOS", "Fault", "SoakFailed", "chaos", "soak", "soak_job"]
+
+SOAK_STEPS = 10_000  # parameter-server steps, over both trainers
+QUICK_STEPS = 1_000
+SIZES = (784, 256, 10)
+TRAINERS = ("trainer1", "trainer2")
+WORKERS = {"ps": ["workers.param_server"], **{t: ["workers.soak"] for t in TRAINERS}}
+REDIS_BOUND = 1 << 20  # bytes used_memory may differ from its baseline
+RSS_BOUND = 20 << 20  # bytes an RSS may grow
+STEP_TIMEOUT = 10.0
+SETTLE_TIMEOUT = 30.0
+RETRYABLE = (RpcError, TransportError, ContextError)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Fault:
+    """Injected once `at` (a fraction) of the run's steps are done: `kill` SIGKILLs worker
+    `target` and starts it again; `redis` stops Redis for `downtime` s and starts an empty one
+    at the same address."""
+
+    at: float
+    kind: str
+    target: str = ""
+    downtime: float = 1.0
+
+
+CHAOS = (Fault(0.3, "kill", "ps"), Fault(0.65, "redis"))
+
+
+class SoakFailed(RuntimeError):
+    """A check of the soak failed (the figures say which)."""
+
+
+def soak(options: Options) -> dict[str, Any]:
+    """The long run, undisturbed: memory must come back to where it was."""
+    return soak_job(_steps(options), (), options.redis_url, options.namespace)
+
+
+def chaos(options: Options) -> dict[str, Any]:
+    """The same job with a worker killed and Redis restarted (always an embedded Redis of its
+    own: the one restarted)."""
+    return soak_job(_steps(options), CHAOS, None, options.namespace)
+
+
+def _steps(options: Options) -> int:
+    return options.soak_steps or (QUICK_STEPS if options.quick else SOAK_STEPS)
+
+
+def soak_job(
+    steps: int,
+    faults: Sequence[Fault] = (),
+    redis_url: str | None = None,
+    namespace: str | None = None,
+    warmup: int | None = None,
+    workers: dict[str, list[str]] | None = None,
+) -> dict[str, Any]:
+    """Run the job for `steps` parameter-server steps (half per trainer), injecting `faults`.
+
+    Returns the bench record: `ok` (every check held), `params`, `figures`, `violations`.
+    `workers` overrides the modules each worker imports (a test swaps in a leaky one).
+    """
+    per_trainer = steps // len(TRAINERS)
+    warmup = min(200, max(20, per_trainer // 5)) if warmup is None else warmup
+    cluster = LocalCluster(workers or WORKERS, redis_url)
+    if namespace:
+        cluster.namespace = namespace
+    with cluster:
+        job = _Job(cluster, per_trainer, warmup, faults)
+        figures: dict[str, Any] = run_loop(job.run())
+    violations = _violations(figures, faults)
+    return {
+        "ok": not violations,
+        "params": {
+            "roles": "driver(job), ps, trainer1, trainer2",
+            "model": "Linear(784,256)-ReLU-Linear(256,10) on ps",
+            "batch": 64,
+            "steps": per_trainer * len(TRAINERS),
+            "steps_per_trainer": per_trainer,
+            "warmup_steps_per_trainer": warmup,
+            "optimizer": "DistributedOptimizer(SGD lr=0.05)",
+            "step_timeout_s": STEP_TIMEOUT,
+            "checkpoint_every_steps": _checkpoint_every(per_trainer * len(TRAINERS)),
+            "faults": [f.__dict__ for f in faults],
+            "redis": "embedded" if redis_url is None else redis_url,
+        },
+        "figures": figures,
+        "violations": violations,
+    }
+
+
+def _checkpoint_every(total: int) -> int:
+    return max(50, total // 20)
+
+
+def _violations(figures: dict[str, Any], faults: Sequence[Fault]) -> list[str]:
+    found = []
+    if figures["steps_done"] != figures["steps"]:
+        found.append(f"{figures['steps_done']} of {figures['steps']} steps done")
+    if not faults:
+        delta = figures["redis_used_memory_delta_bytes"]
+        if abs(delta) > REDIS_BOUND:
+            found.append(f"Redis used_memory changed by {delta} bytes (bound {REDIS_BOUND})")
+        for name, growth in figures["rss_growth_mib"].items():
+            if growth * (1 << 20) >= RSS_BOUND:
+                found.append(f"{name} RSS grew by {growth:.1f} MiB (bound {RSS_BOUND >> 20})")
+    missing = len(faults) - len(figures.get("faults", []))
+    if missing:
+        found.append(f"{missing} fault(s) never injected")
+    return found
+
+
+@expose(name="soak.Board")
+class Board:
+    """Where the trainers report their progress (they hold an RRef to it)."""
+
+    def __init__(self, trainers: Sequence[str]) -> None:
+        self.done = dict.fromkeys(trainers, 0)
+        self.over = False
+        self._changed = asyncio.Event()
+
+    def report(self, trainer: str, steps: int) -> None:
+        self.done[trainer] = max(self.done[trainer], steps)
+        self._changed.set()
+
+    def finish(self) -> None:
+        self.over = True
+        self._changed.set()
+
+    async def reached(self, steps: int) -> bool:
+        """Once the trainers did `steps` together (True), or finished short of it (False)."""
+        while sum(self.done.values()) < steps:
+            if self.over:
+                return False
+            self._changed.clear()
+            await self._changed.wait()
+        return True
+
+
+class _Job:
+    """The job's side: setup, the runs, the faults and the repairs, the measurements."""
+
+    def __init__(
+        self, cluster: LocalCluster, steps: int, warmup: int, faults: Sequence[Fault]
+    ) -> None:
+        assert cluster.redis_url is not None
+        self.cluster, self.steps, self.warmup, self.faults = cluster, steps, warmup, faults
+        self.probe = _Probe(cluster.redis_url)
+        self.agent: Agent | None = None
+        self.ps: RRef[Any] | None = None
+        self.trainers: dict[str, RRef[Any]] = {}
+        self.checkpoint: dict[str, Any] = {}
+        self.checkpoint_at = 0
+        self.injected: list[dict[str, Any]] = []
+
+    async def run(self) -> dict[str, Any]:
+        async with Agent("driver", self.cluster.redis_url, self.cluster.namespace) as agent:
+            self.agent = agent
+            try:
+                return await self._measured()
+            finally:
+                await self.probe.aclose()
+
+    async def _measured(self) -> dict[str, Any]:
+        agent = self.agent
+        assert agent is not None
+        self.ps = await agent.remote("ps", "ps.ParameterServer", args=(SIZES, 0))
+        for i, name in enumerate(TRAINERS):
+            trainer = await agent.remote(name, "soak.Trainer", args=(100 + i,))
+            await trainer.rpc_async().bind(self.ps)
+            self.trainers[name] = trainer
+        await self._save_checkpoint(0)
+        await self._train(self.warmup, Board(TRAINERS), ())
+        # Redis's memory is compared only in the run it is not restarted in.
+        before = None if self.faults else await self._settle()
+        rss_before = self._rss()
+        board = Board(TRAINERS)
+        started = time.perf_counter()
+        reports = await self._train(self.steps, board, self.faults)
+        wall = time.perf_counter() - started
+        after = None if self.faults else await self._settle()
+        rss_after = self._rss()
+        figures = self._figures(reports, wall, rss_before, rss_after)
+        if before is not None and after is not None:
+            figures["redis_used_memory_before"] = before
+            figures["redis_used_memory_after"] = after
+            figures["redis_used_memory_delta_bytes"] = after - before
+        return figures
+
+    async def _train(
+        self, steps: int, board: Board, faults: Sequence[Fault]
+    ) -> dict[str, dict[str, Any]]:
+        """Both trainers run `steps` steps; meanwhile checkpoints are taken, faults injected."""
+        assert self.agent is not None
+        ref = RRef(board)
+        # Bounded, never hit in a healthy run: every step of it retried to the limit.
+        limit = 120.0 + steps * 0.1
+
+        async def one(name: str) -> dict[str, Any]:
+            trainer = self.trainers[name]
+            report: dict[str, Any] = await trainer.rpc_async(timeout=limit).run(
+                steps, ref, step_timeout=STEP_TIMEOUT
+            )
+            return report
+
+        async def runs() -> list[dict[str, Any]]:
+            try:
+                return await asyncio.gather(*(one(name) for name in TRAINERS))
+            finally:
+                board.finish()
+
+        async with asyncio.TaskGroup() as group:
+            done = group.create_task(runs())
+            group.create_task(self._control(board, steps * len(TRAINERS), faults))
+        return dict(zip(TRAINERS, done.result(), strict=True))
+
+    async def _control(self, board: Board, total: int, faults: Sequence[Fault]) -> None:
+        """A checkpoint every twentieth of the run; each fault once its time comes."""
+        every = _checkpoint_every(total)
+        plan: list[tuple[float, Fault | None]] = [(f.at * total, f) for f in faults]
+        plan += [(float(n), None) for n in range(every, total, every)]
+        for at, fault in sorted(plan, key=lambda p: (p[0], p[1] is None)):
+            if not await board.reached(int(at)):
+                return
+            if fault is None:
+                await self._save_checkpoint(sum(board.done.values()))
+            else:
+                await self._inject(fault, board)
+
+    # *** faults and repairs ***
+
+    async def _inject(self, fault: Fault, board: Board) -> None:
+        record: dict[str, Any] = {"kind": fault.kind, "target": fault.target}
+        record["at_step"] = sum(board.done.values())
+        record["t"] = time.time()
+        if fault.kind == "kill":
+            self.cluster.kill(fault.target)
+            self.cluster.spawn(fault.target)
+            await asyncio.to_thread(self.cluster.wait_ready, fault.target)
+            record["serving_after_s"] = time.time() - record["t"]
+            if fault.target != "ps":
+                raise ValueError("only the parameter server's restart is repaired by this job")
+            record["steps_rolled_back"] = record["at_step"] - self.checkpoint_at
+            await self._restore_ps()
+            record["rebound_after_s"] = time.time() - record["t"]
+        elif fault.kind == "redis":
+            server = self.cluster.server
+            assert server is not None
+            server.stop(keep_address=True)
+            # The outage itself: how long Redis stays away, not a wait for an event.
+            await asyncio.sleep(fault.downtime)
+            server.start()
+            self.probe.close()
+            record["redis_back_after_s"] = time.time() - record["t"]
+        else:
+            raise ValueError(f"unknown fault {fault.kind!r}")
+        self.injected.append(record)
+
+    async def _restore_ps(self) -> None:
+        """A new ParameterServer, with the checkpoint's weights; both trainers rebound to it."""
+        agent = self.agent
+        assert agent is not None
+        ps = await _retrying(lambda: agent.remote("ps", "ps.ParameterServer", args=(SIZES, 0)))
+        await _retrying(lambda: ps.rpc_async(timeout=STEP_TIMEOUT).load_state_dict(self.checkpoint))
+        self.ps = ps
+        for trainer in self.trainers.values():
+            await _retrying(functools.partial(_bind, trainer, ps))
+
+    async def _save_checkpoint(self, at_step: int) -> None:
+        ps = self.ps
+        assert ps is not None
+        try:
+            self.checkpoint = await ps.rpc_async(timeout=STEP_TIMEOUT).state_dict()
+        except RETRYABLE:
+            return  # the previous checkpoint stays (the server, or Redis, is being replaced)
+        self.checkpoint_at = at_step
+
+    # *** measurements ***
+
+    async def _settle(self) -> int:
+        """Redis's used_memory once every inbox is empty with nothing pending and the value
+        holds still (Redis shrinks idle clients' buffers in its cron, within seconds)."""
+        names = ["driver", "ps", *TRAINERS]
+        deadline = time.monotonic() + SETTLE_TIMEOUT
+        previous, steady = -1, 0
+        while True:
+            backlog = await self.probe.backlog(self.cluster.namespace, names)
+            used = await self.probe.used_memory()
+            steady = steady + 1 if backlog == 0 and abs(used - previous) <= 4096 else 0
+            if steady >= 4:
+                return used
+            if time.monotonic() > deadline:
+                raise SoakFailed(
+                    f"Redis did not settle within {SETTLE_TIMEOUT} s: backlog {backlog}, "
+                    f"used_memory {used} (was {previous})"
+                )
+            previous = used
+            # The sampling period of an idle state; the condition is the measurement.
+            await asyncio.sleep(0.5)
+
+    def _rss(self) -> dict[str, int]:
+        pids = {name: p.pid for name, p in self.cluster.processes.items()}
+        return {name: _rss_bytes(pid) for name, pid in {**pids, "driver": os.getpid()}.items()}
+
+    def _figures(
+        self,
+        reports: dict[str, dict[str, Any]],
+        wall: float,
+        rss_before: dict[str, int],
+        rss_after: dict[str, int],
+    ) -> dict[str, Any]:
+        total = self.steps * len(TRAINERS)
+        done = sum(r["steps"] for r in reports.values())
+        killed = {f["target"] for f in self.injected if f["kind"] == "kill"}
+        errors: dict[str, int] = {}
+        for report in reports.values():
+            for kind, n in report["errors"].items():
+                errors[kind] = errors.get(kind, 0) + n
+        figures: dict[str, Any] = {
+            "steps": total,
+            "steps_done": done,
+            "total_steps_per_s": done / wall,
+            "wall_s": wall,
+            "rss_before_mib": {n: b / (1 << 20) for n, b in rss_before.items()},
+            # Of the processes that ran throughout (a worker killed and started again is new).
+            "rss_growth_mib": {
+                n: (rss_after[n] - rss_before[n]) / (1 << 20)
+                for n in rss_before
+                if n != "driver" and n not in killed
+            },
+            "driver_rss_growth_mib": (rss_after["driver"] - rss_before["driver"]) / (1 << 20),
+            "failed_attempts": sum(r["failed_attempts"] for r in reports.values()),
+            "retried_steps": sum(r["retried_steps"] for r in reports.values()),
+            "most_attempts_for_a_step": max(r["most_attempts"] for r in reports.values()),
+            "slowest_step_s": max(r["slowest_step_s"] for r in reports.values()),
+            "slowest_attempt_s": max(r["slowest_attempt_s"] for r in reports.values()),
+            "errors": errors,
+            "progress_reports_lost": sum(r["progress_reports_lost"] for r in reports.values()),
+            "loss_fell": all(r["last10_loss"] < r["first10_loss"] for r in reports.values()),
+        }
+        for name, report in reports.items():
+            figures[f"{name}_first10_loss"] = report["first10_loss"]
+            figures[f"{name}_last10_loss"] = report["last10_loss"]
+        if self.faults:
+            figures["faults"] = [_recovery(f, reports) for f in self.injected]
+        return figures
+
+
+def _recovery(fault: dict[str, Any], reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """When each trainer finished its first step after the fault, and what failed meanwhile."""
+    t0 = fault["t"]
+    out = {k: v for k, v in fault.items() if k != "t"}
+    per_trainer = {}
+    for name, report in reports.items():
+        # The interruption the fault caused: the first gap that ends after it.
+        gap = next((g for g in report["gaps"] if g[1] > t0 and g[0] <= t0 + 1.0), None)
+        per_trainer[name] = {
+            "first_step_after_s": None if gap is None else gap[1] - t0,
+            "failed_attempts": 0 if gap is None else gap[2],
+        }
+    out["trainers"] = per_trainer
+    known = [t["first_step_after_s"] for t in per_trainer.values()]
+    out["recovered_after_s"] = None if None in known else max(k for k in known if k is not None)
+    return out
+
+
+async def _bind(trainer: RRef[Any], ps: RRef[Any]) -> None:
+    await trainer.rpc_async(timeout=STEP_TIMEOUT).bind(ps)
+
+
+async def _retrying(make: Callable[[], Awaitable[T]], attempts: int = 20) -> T:
+    """`make()` until it succeeds, at most `attempts` times, with a doubling retry timer."""
+    delay = 0.05
+    for attempt in range(1, attempts + 1):
+        try:
+            return await make()
+        except RETRYABLE:
+            if attempt == attempts:
+                raise
+            await asyncio.sleep(delay)  # the retry timer
+            delay = min(delay * 2, 1.0)
+    raise AssertionError("unreachable")
+
+
+class _Probe:
+    """A connection of the job's own, to look at Redis (reopened after a restart)."""
+
+    def __init__(self, url: str) -> None:
+        self.address = RedisAddress.from_url(url)
+        self.conn: Connection | None = None
+
+    async def execute(self, *args: str) -> Any:
+        async with asyncio.timeout(10.0):
+            if self.conn is None or not self.conn.is_open:
+                self.conn = await Connection.open(self.address, name="asyncgrad-soak-probe")
+            return await self.conn.execute(*args)
+
+    async def used_memory(self) -> int:
+        info = await self.execute("INFO", "memory")
+        found = re.search(rb"^used_memory:(\d+)", info, re.MULTILINE)
+        assert found is not None, info
+        return int(found.group(1))
+
+    async def backlog(self, namespace: str, names: Sequence[str]) -> int:
+        """Entries in the agents' inboxes, and entries delivered but not acked."""
+        total = 0
+        for name in names:
+            key = inbox(namespace, name)
+            total += int(await self.execute("XLEN", key))
+            with contextlib.suppress(ReplyError):  # no inbox (yet): nothing pending either
+                total += int((await self.execute("XPENDING", key, GROUP))[0])
+        return total
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+
+    async def aclose(self) -> None:
+        self.close()
+        if self.conn is not None:
+            await self.conn.closed.wait()
+
+
+def _rss_bytes(pid: int) -> int:
+    """VmRSS from /proc/PID/status."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise LookupError(f"no VmRSS for pid {pid}")
