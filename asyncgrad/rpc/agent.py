@@ -73,6 +73,17 @@ def default_redis_url() -> str:
     return os.environ.get("ASYNCGRAD_REDIS_URL") or DEFAULT_URL
 
 
+@dataclass(slots=True)
+class _Posting:
+    """A message posted again while its receiver has no inbox (`Agent._post_resending`)."""
+
+    dest: str
+    frames: list[Any]
+    over: Callable[[], None] | None
+    deadline: float
+    delay: float = 0.05
+
+
 @dataclass(frozen=True, slots=True)
 class WorkerInfo:
     """A live agent: its name and its id (a small int unique in the namespace)."""
@@ -361,57 +372,38 @@ class Agent:
             self._transport.post(dest, frames)
 
     def _post_resending(
-        self,
-        dest: str,
-        frames: list[Any],
-        over: Callable[[], None] | None = None,
-        deadline: float | None = None,
-        delay: float = 0.05,
+        self, dest: str, frames: list[Any], over: Callable[[], None] | None = None
     ) -> None:
         """Post; while `dest` has no inbox, post again for up to `failure_timeout`: after a
         Redis restart lost every inbox, a live agent's comes back within a reconnect. (The
         receiver drops a duplicate by its message id.) `over()` runs once the message is
         stored or given up."""
-        if deadline is None:
-            deadline = time.monotonic() + self.failure_timeout
-        stored = self._transport.send(dest, frames)
-        stored.add_done_callback(
-            functools.partial(self._resend_unstored, dest, frames, over, deadline, delay)
-        )
+        self._repost(_Posting(dest, frames, over, time.monotonic() + self.failure_timeout))
 
-    def _resend_unstored(
-        self,
-        dest: str,
-        frames: list[Any],
-        over: Callable[[], None] | None,
-        deadline: float,
-        delay: float,
-        stored: asyncio.Future[None],
-    ) -> None:
+    def _repost(self, posting: _Posting) -> None:
+        stored = self._transport.send(posting.dest, posting.frames)
+        stored.add_done_callback(functools.partial(self._posted, posting))
+
+    def _posted(self, posting: _Posting, stored: asyncio.Future[None]) -> None:
         error = None if stored.cancelled() else stored.exception()
-        if isinstance(error, InboxMissing) and time.monotonic() + delay < deadline:
-            again = (dest, frames, over, deadline, min(delay * 2, 1.0))
-            asyncio.get_running_loop().call_later(delay, self._resend, *again)  # retry timer
+        if isinstance(error, InboxMissing) and time.monotonic() + posting.delay < posting.deadline:
+            asyncio.get_running_loop().call_later(posting.delay, self._repost_later, posting)
+            posting.delay = min(posting.delay * 2, 1.0)  # retry timer
             return
-        if over is not None:
-            over()
+        if posting.over is not None:
+            posting.over()
         if error is not None:
             # A receiver that left needs nobody's answer or notice: expected, not a warning.
             level = logging.DEBUG if isinstance(error, InboxMissing) else logging.WARNING
-            logger.log(level, "event=send_failed agent=%s to=%s error=%s", self.name, dest, error)
+            logger.log(
+                level, "event=send_failed agent=%s to=%s error=%s", self.name, posting.dest, error
+            )
 
-    def _resend(
-        self,
-        dest: str,
-        frames: list[Any],
-        over: Callable[[], None] | None,
-        deadline: float,
-        delay: float,
-    ) -> None:
+    def _repost_later(self, posting: _Posting) -> None:
         if self._running():
-            self._post_resending(dest, frames, over, deadline, delay)
-        elif over is not None:
-            over()
+            self._repost(posting)
+        elif posting.over is not None:
+            posting.over()
 
     def _on_inbox_lost(self) -> None:
         """Redis lost this agent's inbox (a restart without persistence): messages on their
