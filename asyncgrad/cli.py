@@ -101,6 +101,7 @@ def _parser() -> argparse.ArgumentParser:
         help="instead: the soak (S1) and chaos (S2) runs, 10,000 steps each (--quick: 1,000)",
     )  # fmt: skip
     bench.add_argument("--soak-steps", type=int, metavar="N", help="with --soak: N steps")
+    bench.add_argument("--scale", action="store_true", help="B2 at 1-8 workers, B4 at 2-8 instead")
     _connection_options(bench)
     bench.set_defaults(namespace=None)
 
@@ -197,14 +198,17 @@ def _bench(args: argparse.Namespace) -> int:
     try:
         if args.soak_steps is not None and (not args.soak or args.soak_steps < 2):
             raise ValueError("--soak-steps takes a number of steps (2 or more), with --soak")
+        if args.scale and args.soak:
+            raise ValueError("--scale and --soak are different runs: pick one")
         names = bench.select(args.only, bench.SOAK if args.soak else bench.WORKLOADS)
+        jobs = bench.scale_jobs(names) if args.scale else bench.jobs(names)
     except ValueError as e:
         print(f"asyncgrad bench: {e}", file=sys.stderr)
         return 2
     options = Options(quick=args.quick, redis_url=args.redis, soak_steps=args.soak_steps)
     if args.namespace:
         options = dataclasses.replace(options, namespace=args.namespace)
-    return 0 if bench.run(names, options, json_path=args.json) else 1
+    return 0 if bench.run_jobs(jobs, options, json_path=args.json) else 1
 
 
 class _Stop(Exception):

@@ -59,6 +59,7 @@ LAYER_OF = {
     "bench.rpc": "app",
     "bench.autograd": "app",
     "bench.driver": "app",
+    "bench.scale": "app",
     "bench.soak": "app",
     "cli": "app",
     "__main__": "app",

@@ -2,7 +2,8 @@
 
 Each workload prints one JSON line (`name`, `ok`, `params`, `figures`); `--json PATH`
 writes `{"machine": ..., "results": [...]}`, the shape `torch_rpc_bench.py --out` writes,
-so one script can pair the two.
+so one script can pair the two. `--scale` runs B2 and B4 at several worker counts
+instead (bench/scale.py), one record per configuration, in the same shape.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from asyncgrad.bench import autograd, local, rpc, soak
+from asyncgrad.bench import autograd, local, rpc, scale, soak
 from asyncgrad.bench.options import Options
 
 Workload = Callable[[Options], dict[str, Any]]
@@ -48,15 +49,28 @@ def select(only: str | None, pool: dict[str, Workload] = WORKLOADS) -> list[str]
     return chosen
 
 
-def run(names: list[str], options: Options, json_path: Path | None = None) -> bool:
-    """Run the named workloads one after another; True when all succeeded."""
+def jobs(names: list[str]) -> list[tuple[str, Workload]]:
+    """The named workloads (of WORKLOADS or SOAK) as `(record name, workload)` pairs."""
+    pool = {**WORKLOADS, **SOAK}
+    return [(name, pool[name]) for name in names]
+
+
+def scale_jobs(names: list[str]) -> list[tuple[str, Workload]]:
+    """`--scale`: B2 and B4 (those of `names`) at several worker counts (bench/scale.py);
+    ValueError when `names` holds neither."""
+    return scale.jobs(names)
+
+
+def run_jobs(
+    jobs: list[tuple[str, Workload]], options: Options, json_path: Path | None = None
+) -> bool:
+    """Run `(record name, workload)` pairs one after another; True when all succeeded."""
     results = []
     started = time.perf_counter()
-    pool = {**WORKLOADS, **SOAK}
-    for name in names:
+    for name, workload in jobs:
         t0 = time.perf_counter()
         try:
-            record: dict[str, Any] = {"name": name, "ok": True, **pool[name](options)}
+            record: dict[str, Any] = {"name": name, "ok": True, **workload(options)}
         except Exception as e:
             record = {"name": name, "ok": False, "error": f"{type(e).__name__}: {e}"}
             record["traceback"] = traceback.format_exc()

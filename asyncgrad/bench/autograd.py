@@ -11,68 +11,84 @@ from typing import Any
 import numpy as np
 
 from asyncgrad import dist_autograd
-from asyncgrad.bench.driver import drive, scale
+from asyncgrad.bench.driver import CpuMeter, drive, scale
 from asyncgrad.bench.options import Options
 from asyncgrad.rpc import Agent
 from asyncgrad.tensor import Tensor, tensor
 
-__all__ = ["b4_dist_backward_chain", "b5_param_server"]
+__all__ = ["b4_dist_backward_chain", "b5_param_server", "chain", "chain_names", "chain_workers"]
 
 
 def b4_dist_backward_chain(options: Options) -> dict[str, Any]:
     warmup, timed = scale(10, options.quick), scale(50, options.quick)
-    names = [f"worker{i}" for i in range(1, 5)]
+    names = chain_names(4)
+    return drive(options, chain_workers(names), lambda agent: chain(agent, names, warmup, timed))
+
+
+def chain_names(n: int) -> list[str]:
+    return [f"worker{i}" for i in range(1, n + 1)]
+
+
+def chain_workers(names: list[str]) -> dict[str, list[str]]:
+    return {name: ["workers.pipeline"] for name in names}
+
+
+async def chain(
+    agent: Agent, names: list[str], warmup: int, timed: int, meter: CpuMeter | None = None
+) -> dict[str, Any]:
+    """B4's steps through a chain of `names`, each holding a `pipeline.Stage`."""
     x = tensor(np.random.default_rng(0).standard_normal((64, 512), dtype=np.float32))
+    stages = [
+        await agent.remote(name, "pipeline.Stage", args=(512, 512, 1000 + i))
+        for i, name in enumerate(names, start=1)
+    ]
 
-    async def body(agent: Agent) -> dict[str, Any]:
-        stages = [
-            await agent.remote(name, "pipeline.Stage", args=(512, 512, 1000 + i))
-            for i, name in enumerate(names, start=1)
-        ]
+    async def step() -> tuple[float, list[float]]:
+        async with dist_autograd.context() as ctx:
+            h = x
+            for stage in stages:
+                h = await stage.rpc_async().forward(h)
+            loss = h.sum()
+            await dist_autograd.backward(ctx, [loss])
+            norms = [await stage.rpc_async().grad_norm(ctx) for stage in stages]
+        return loss.item(), norms
 
-        async def step() -> tuple[float, list[float]]:
-            async with dist_autograd.context() as ctx:
-                h = x
-                for stage in stages:
-                    h = await stage.rpc_async().forward(h)
-                loss = h.sum()
-                await dist_autograd.backward(ctx, [loss])
-                norms = [await stage.rpc_async().grad_norm(ctx) for stage in stages]
-            return loss.item(), norms
-
-        for _ in range(warmup):
-            await step()
-        times = []
-        started = time.perf_counter_ns()
-        for _ in range(timed):
-            t0 = time.perf_counter_ns()
-            loss, norms = await step()
-            times.append(time.perf_counter_ns() - t0)
-        total = (time.perf_counter_ns() - started) / 1e9
-        weights = [await stage.rpc_async().weight_data() for stage in stages]
-        reference = _local_norms(x, weights)
-        ms = sorted(t / 1e6 for t in times)
-        return {
-            "params": {
-                "workers": 4,
-                "W": "512x512 f32",
-                "x": "64x512 f32",
-                "warmup_steps": warmup,
-                "timed_steps": timed,
-            },
-            "figures": {
-                "steps_per_s": timed / total,
-                "median_ms_per_step": float(np.percentile(ms, 50)),
-                "p90_ms_per_step": float(np.percentile(ms, 90)),
-                "loss": loss,
-                "grad_norms": norms,
-                "grad_norm_max_rel_err_vs_local": max(
-                    abs(a - b) / max(abs(b), 1e-12) for a, b in zip(norms, reference, strict=True)
-                ),
-            },
-        }
-
-    return drive(options, {name: ["workers.pipeline"] for name in names}, body)
+    for _ in range(warmup):
+        await step()
+    times = []
+    before = await meter.sample() if meter else None
+    started = time.perf_counter_ns()
+    for _ in range(timed):
+        t0 = time.perf_counter_ns()
+        loss, norms = await step()
+        times.append(time.perf_counter_ns() - t0)
+    total = (time.perf_counter_ns() - started) / 1e9
+    cpu = (await meter.sample()).since(before, timed, 1e-3) if meter and before else None
+    weights = [await stage.rpc_async().weight_data() for stage in stages]
+    reference = _local_norms(x, weights)
+    ms = sorted(t / 1e6 for t in times)
+    figures: dict[str, Any] = {
+        "steps_per_s": timed / total,
+        "median_ms_per_step": float(np.percentile(ms, 50)),
+        "p90_ms_per_step": float(np.percentile(ms, 90)),
+        "loss": loss,
+        "grad_norms": norms,
+        "grad_norm_max_rel_err_vs_local": max(
+            abs(a - b) / max(abs(b), 1e-12) for a, b in zip(norms, reference, strict=True)
+        ),
+    }
+    if cpu is not None:
+        figures["cpu_ms_per_step"] = cpu
+    return {
+        "params": {
+            "workers": len(names),
+            "W": "512x512 f32",
+            "x": "64x512 f32",
+            "warmup_steps": warmup,
+            "timed_steps": timed,
+        },
+        "figures": figures,
+    }
 
 
 def _local_norms(x: Tensor, weights: list[np.ndarray]) -> list[float]:

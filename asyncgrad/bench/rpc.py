@@ -10,12 +10,12 @@ from typing import Any
 
 import numpy as np
 
-from asyncgrad.bench.driver import drive, scale
+from asyncgrad.bench.driver import CpuMeter, drive, scale
 from asyncgrad.bench.options import Options
 from asyncgrad.rpc import Agent
 from asyncgrad.tensor import Tensor, tensor
 
-__all__ = ["b1_latency", "b2_throughput", "b3_bandwidth"]
+__all__ = ["b1_latency", "b2_throughput", "b3_bandwidth", "throughput"]
 
 ECHO = {"worker1": ["workers.echo"]}
 
@@ -59,35 +59,44 @@ def b1_latency(options: Options) -> dict[str, Any]:
 
 
 def b2_throughput(options: Options) -> dict[str, Any]:
-    calls, window, warmup = scale(20000, options.quick), 256, scale(1000, options.quick)
+    return drive(options, ECHO, lambda agent: throughput(agent, ["worker1"], options.quick))
+
+
+async def throughput(
+    agent: Agent, targets: list[str], quick: bool, meter: CpuMeter | None = None
+) -> dict[str, Any]:
+    """B2 against `targets`: call i goes to `targets[i % len(targets)]`."""
+    calls, window, warmup = scale(20000, quick), 256, scale(1000, quick)
     x = tensor(np.arange(16, dtype=np.float32))
 
-    async def run(agent: Agent, count: int) -> None:
+    async def run(count: int) -> None:
         inflight: collections.deque[asyncio.Future[Any]] = collections.deque()
-        for _ in range(count):
+        for i in range(count):
             if len(inflight) >= window:
                 await inflight.popleft()
-            inflight.append(asyncio.ensure_future(agent.rpc_async("worker1", "echo", args=(x,))))
+            target = targets[i % len(targets)]
+            inflight.append(asyncio.ensure_future(agent.rpc_async(target, "echo", args=(x,))))
         while inflight:
             await inflight.popleft()
 
-    async def body(agent: Agent) -> dict[str, Any]:
-        await run(agent, warmup)
-        t0 = time.perf_counter()
-        await run(agent, calls)
-        elapsed = time.perf_counter() - t0
-        return {
-            "params": {
-                "calls": calls,
-                "max_in_flight": window,
-                "warmup_calls": warmup,
-                "tensor": "float32[16]",
-                "window": "sliding: when 256 outstanding, wait on the oldest",
-            },
-            "figures": {"calls_per_s": calls / elapsed, "elapsed_s": elapsed},
-        }
-
-    return drive(options, ECHO, body)
+    await run(warmup)
+    before = await meter.sample() if meter else None
+    t0 = time.perf_counter()
+    await run(calls)
+    elapsed = time.perf_counter() - t0
+    figures: dict[str, Any] = {"calls_per_s": calls / elapsed, "elapsed_s": elapsed}
+    if meter and before:
+        figures["cpu_us_per_call"] = (await meter.sample()).since(before, calls, 1e-6)
+    return {
+        "params": {
+            "calls": calls,
+            "max_in_flight": window,
+            "warmup_calls": warmup,
+            "tensor": "float32[16]",
+            "window": "sliding: when 256 outstanding, wait on the oldest",
+        },
+        "figures": figures,
+    }
 
 
 def b3_bandwidth(options: Options) -> dict[str, Any]:
