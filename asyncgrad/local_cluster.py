@@ -106,11 +106,13 @@ class LocalCluster:
 
     def _spawn(self, name: str, modules: Sequence[str]) -> subprocess.Popen[bytes]:
         assert self.redis_url is not None
-        argv = [sys.executable, "-m", "asyncgrad", "worker", name, "--redis", self.redis_url]
-        argv += ["--namespace", self.namespace]
+        argv = [sys.executable, "-m", "asyncgrad", "worker", name, "--namespace", self.namespace]
         for module in modules:
             argv += ["--import", module]
         env = one_thread_env() if self.one_thread else {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # Not `--redis`: a command line is visible to every local user, and the URL may
+        # carry a password.
+        env["ASYNCGRAD_REDIS_URL"] = self.redis_url
         return subprocess.Popen(
             argv, stderr=subprocess.PIPE, env=env, preexec_fn=die_with_parent(signal.SIGTERM)
         )

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import IO
 
 import numpy as np
@@ -26,6 +27,7 @@ import redis.asyncio as aredis
 import asyncgrad as ag
 from asyncgrad import dist_autograd, rpc, status
 from asyncgrad.cli import main
+from asyncgrad.local_cluster import LocalCluster
 from asyncgrad.resp import Connection, ConnectionLost, RedisAddress, ReplyError, SyncConnection
 from asyncgrad.transport import heartbeat, inbox, registry
 from tests import dist_funcs  # noqa: F401 - exposes the dt.* functions
@@ -184,6 +186,30 @@ async def test_acl_status_user_reads_but_cannot_run_an_agent(acl_server: RedisSe
         with pytest.raises(ReplyError, match=r"NOPERM Redis user 'status-ns1' .* 'eval'"):
             await rpc.Agent("reader", url, "ns1").start()
     assert all(not row.alive for row in await status.collect(url, "ns1"))
+
+
+@pytest.mark.timeout(60)
+async def test_spawned_workers_get_the_password_outside_their_command_line(
+    acl_server: RedisServer,
+) -> None:
+    url = acl_url(acl_server, "agent-ns1")
+    workers = {"w1": ["tests.dist_funcs"], "w2": ["tests.dist_funcs"]}
+
+    def start() -> tuple[LocalCluster, list[bytes]]:
+        cluster = LocalCluster(workers, url, "ns1").__enter__()
+        pids = [process.pid for process in cluster.processes.values()]
+        return cluster, [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in pids]
+
+    # Entering blocks until the workers serve: off the event loop.
+    cluster, cmdlines = await asyncio.to_thread(start)
+    try:
+        assert len(cmdlines) == 2
+        for cmdline in cmdlines:
+            assert b"s3cret" not in cmdline and b"agent-ns1" not in cmdline
+        async with rpc.Agent("driver", url, "ns1") as driver:
+            await chain_backward(driver, ["w1", "w2"])
+    finally:
+        await asyncio.to_thread(cluster.__exit__, None, None, None)
 
 
 @pytest.mark.parametrize(
