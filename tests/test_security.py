@@ -188,6 +188,19 @@ async def test_acl_status_user_reads_but_cannot_run_an_agent(acl_server: RedisSe
     assert all(not row.alive for row in await status.collect(url, "ns1"))
 
 
+@pytest.mark.timeout(20)
+async def test_acl_user_without_xreadgroup_fails_at_start(
+    acl_server: RedisServer, admin: aredis.Redis
+) -> None:
+    rules = [r for r in documented_acl("agent-ns1") if r != "+xreadgroup"]
+    rules = ["><PASSWORD>" if r == ">PASSWORD" else r for r in rules]
+    await admin.execute_command("ACL", "SETUSER", "no-read", "reset", *rules)
+    url = f"redis://no-read:<PASSWORD>@127.0.0.1:{acl_server.port}/0"
+    async with asyncio.timeout(DEADLINE):
+        with pytest.raises(ReplyError, match=r"NOPERM Redis user 'no-read' .* 'xreadgroup'"):
+            await rpc.Agent("deaf", url, "ns1").start()
+
+
 @pytest.mark.timeout(60)
 async def test_spawned_workers_get_the_password_outside_their_command_line(
     acl_server: RedisServer,

@@ -27,6 +27,7 @@ __all__ = ["Inbound", "Reader"]
 logger = logging.getLogger(__name__)
 
 _MAX_DELIVERIES = 3
+_LAST_ID = b"18446744073709551615-18446744073709551615"  # the greatest stream id
 
 
 class _Entry:
@@ -204,6 +205,13 @@ class Reader:
                 self._on_inbox_lost()
         self._prepared = True
         await self._reclaim(conn)
+        # The reads to come are the agent's first XREADGROUP: if its ACL user may not run
+        # it, say so now, at start, instead of in a warning per retry. From the last
+        # possible id it returns nothing and counts no delivery.
+        await conn.execute(
+            "XREADGROUP", "GROUP", GROUP, self._endpoint.name, "COUNT", 1,
+            "STREAMS", self._inbox, _LAST_ID,
+        )  # fmt: skip
         return agent_id
 
     def _recover(self, error: Exception) -> None:
