@@ -11,8 +11,9 @@ import asyncio
 import functools
 import logging
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from asyncgrad.errors import (
     CodecError,
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
 __all__ = ["Calls"]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -59,30 +62,36 @@ class Calls:
         limit = self._agent.rpc_timeout if timeout is None else timeout
         # One deadline for the whole call: the liveness check and the announcement of
         # passed-on RRefs wait for Redis too, and a caller's timeout bounds all of it.
-        deadline = asyncio.timeout(limit)
+        expires = asyncio.get_running_loop().time() + limit
         try:
-            async with deadline:
-                return await self._make_within(to, call, what)
-        except TimeoutError:
-            if deadline.expired():
-                raise RPCTimeout(f"{what} on {to!r} got no reply within {limit} s") from None
-            raise
+            return await self._make_within(to, call, what, expires)
+        except _Expired:
+            raise RPCTimeout(f"{what} on {to!r} got no reply within {limit} s") from None
 
-    async def _make_within(self, to: str, call: Call, what: str) -> Any:
+    async def _make_within(self, to: str, call: Call, what: str, expires: float) -> Any:
         agent = self._agent
-        await agent._liveness.ensure_alive(to)
+        if not agent._liveness.seen_alive(to):
+            await _until(expires, agent._liveness.ensure_alive(to))
         header_id = next(agent._ids)
         frames, record = agent._encode(to, Kind.CALL, header_id, call.to_wire())
         sent = False
         try:
-            await agent._references.announce_forks(agent._references.take_passed())
-            future = asyncio.get_running_loop().create_future()
+            if passed := agent._references.take_passed():
+                await _until(expires, agent._references.announce_forks(passed))
+            loop = asyncio.get_running_loop()
+            future = loop.create_future()
             self._pending[header_id] = _Pending(future, to, what)
             agent._liveness.wanted.set()
             stored = agent._transport.send(to, frames)
             sent = True
             stored.add_done_callback(functools.partial(self._on_stored, header_id))
-            return await future
+            # A timer bounds the wait for the reply, not `asyncio.timeout`: every call
+            # passes here, and the timer costs a fraction of the context manager.
+            timer = loop.call_at(expires, _expire, future)
+            try:
+                return await future
+            finally:
+                timer.cancel()
         except BaseException as e:
             # A recorded send that never reached its callee must not leave a pass waiting
             # for its gradient: failed, cancelled or timed out before it left, or refused.
@@ -187,6 +196,27 @@ class Calls:
         for pending in self._pending.values():
             if dest is None or pending.dest == dest:
                 _fail(pending.future, error)
+
+
+class _Expired(Exception):
+    """A call's deadline passed (`Calls.make` turns it into `RPCTimeout`)."""
+
+
+async def _until(expires: float, work: Awaitable[T]) -> T:
+    """`await work`, or `_Expired` once the loop's clock reaches `expires`."""
+    deadline = asyncio.timeout_at(expires)
+    try:
+        async with deadline:
+            return await work
+    except TimeoutError:
+        if deadline.expired():
+            raise _Expired from None
+        raise
+
+
+def _expire(future: asyncio.Future[Any]) -> None:
+    if not future.done():
+        future.set_exception(_Expired())
 
 
 def _fail(future: asyncio.Future[Any], error: BaseException) -> None:

@@ -42,9 +42,13 @@ class Liveness:
         self.wanted = asyncio.Event()
         self._watcher: asyncio.Task[None] | None = None
 
+    def seen_alive(self, name: str) -> bool:
+        """Whether `name` was seen alive within the check period."""
+        return time.monotonic() - self._alive_at.get(name, -1e9) < self._check_every
+
     async def ensure_alive(self, name: str) -> None:
         """Raise `WorkerUnavailable` unless `name` was seen alive within the check period."""
-        if time.monotonic() - self._alive_at.get(name, -1e9) < self._check_every:
+        if self.seen_alive(name):
             return
         (alive,) = await self._agent._transport.alive([name])
         if alive:

@@ -49,6 +49,9 @@ class Kind(enum.IntEnum):
     CONTEXT_RELEASE = 20  # a context is over: free it
 
 
+_KINDS = {int(kind): kind for kind in Kind}
+
+
 def require(value: Any, kind: type | tuple[type, ...], what: str) -> Any:
     """`value` if it has the expected type, else `MessageError` naming the field."""
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
@@ -77,6 +80,14 @@ class Header:
 
     @classmethod
     def from_wire(cls, wire: Any) -> Header:
+        # Every header passes here: the common, well-formed one is checked with exact
+        # types (msgpack decodes ints as int, never bool), anything else the long way.
+        if type(wire) is dict:
+            kind, i, sender, r = wire.get("k"), wire.get("i"), wire.get("s"), wire.get("r", 0)
+            if type(i) is int and type(sender) is str and type(r) is int and type(kind) is int:
+                known = _KINDS.get(kind)
+                if known is not None:
+                    return cls(known, i, sender, r, wire.get("c"))
         require(wire, dict, "header")
         try:
             kind = Kind(require(wire.get("k"), int, "k"))
@@ -117,6 +128,17 @@ class Call:
 
     @classmethod
     def from_wire(cls, wire: Any) -> Call:
+        if type(wire) is dict and "w" not in wire:  # the common call, checked by exact types
+            fn, args, target = wire.get("f"), wire.get("a", ()), wire.get("t", 0)
+            method, make_rref = wire.get("m", ""), wire.get("o", False)
+            if (
+                type(fn) is str
+                and type(args) is tuple
+                and type(target) is int
+                and type(method) is str
+                and type(make_rref) is bool
+            ):
+                return cls(fn, args, {}, target, method, make_rref)
         require(wire, dict, "call")
         kwargs = require(wire.get("w", {}), dict, "kwargs")
         if not all(isinstance(k, str) for k in kwargs):

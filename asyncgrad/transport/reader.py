@@ -70,6 +70,11 @@ class Reader:
         self._on_inbox_lost = on_inbox_lost
         self._prepared = False
         self._inbox = inbox(endpoint.namespace, endpoint.name)
+        settings = endpoint.settings
+        self._read_args = (
+            "XREADGROUP", "GROUP", GROUP, endpoint.name, "COUNT", settings.read_count,
+            "BLOCK", settings.block_ms, "STREAMS", self._inbox,
+        )  # fmt: skip
         self.conn: RedisLink | None = None
         self._closing = False
         self._last_id = b"0"  # own pending entries first: delivered before, never acked
@@ -126,12 +131,7 @@ class Reader:
         if reader is None or not reader.is_open:
             self._recover(ConnectionLost("reader not connected"))
             return
-        settings = self._endpoint.settings
-        reader.command(
-            "XREADGROUP", "GROUP", GROUP, self._endpoint.name, "COUNT", settings.read_count,
-            "BLOCK", settings.block_ms, "STREAMS", self._inbox, self._last_id,
-            waiter=self._on_read,
-        )  # fmt: skip
+        reader.command(*self._read_args, self._last_id, waiter=self._on_read)
         reader.flush()
 
     def _on_read(self, reply: Any) -> None:
