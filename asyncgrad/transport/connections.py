@@ -29,7 +29,7 @@ class TransportSettings:
     heartbeat_ttl: float = 3.0
     heartbeat_interval: float = 0.75
     block_ms: int = 2000
-    read_count: int = 512
+    read_count: int = 16  # entries per read: up to 16 x 32 messages before replies leave
     reconnect_max_delay: float = 2.0
     connect_timeout: float = 10.0
 

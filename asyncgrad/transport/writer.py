@@ -25,7 +25,12 @@ __all__ = ["InboxMissing", "Writer"]
 
 logger = logging.getLogger(__name__)
 
-_MAX_PER_ENTRY = 256
+# Messages per stream entry. Redis answers a blocked XREADGROUP right after the first
+# XADD of a write, so the receiver gets that entry alone, and while it handles it (and
+# sends its replies) the sender goes on: small entries let the two work at once (B2: 1.0
+# -> 1.7 cores busy, ~2x the calls/s at the same CPU per call). With 256, a window of
+# calls travelled as one entry and the two took turns.
+_MAX_PER_ENTRY = 32
 _DEAD_LETTER_MAXLEN = 1000
 _DEAD_LETTER_FIELD_BYTES = 64 * 1024
 _DEAD_LETTER_NAME_BYTES = 256
