@@ -193,6 +193,7 @@ def _status(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     # The workloads import everything; only this command needs them.
     from asyncgrad import bench
+    from asyncgrad.bench import scale
     from asyncgrad.bench.options import Options
 
     try:
@@ -200,8 +201,10 @@ def _bench(args: argparse.Namespace) -> int:
             raise ValueError("--soak-steps takes a number of steps (2 or more), with --soak")
         if args.scale and args.soak:
             raise ValueError("--scale and --soak are different runs: pick one")
-        names = bench.select(args.only, bench.SOAK if args.soak else bench.WORKLOADS)
-        jobs = bench.scale_jobs(names) if args.scale else bench.jobs(names)
+        if args.scale:
+            jobs = scale.jobs(bench.select(args.only or ",".join(scale.SCALED)))
+        else:
+            jobs = bench.jobs(bench.select(args.only, bench.SOAK if args.soak else bench.WORKLOADS))
     except ValueError as e:
         print(f"asyncgrad bench: {e}", file=sys.stderr)
         return 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -67,12 +68,14 @@ def test_scale_quick_writes_one_record_per_configuration(
             assert figures["compute_ms_per_step"] > 0
             cpu = figures["cpu_ms_per_step"]
         assert len(cpu["each_worker"]) == record["params"]["workers"]
-        assert cpu["total"] == pytest.approx(cpu["driver"] + cpu["workers"] + cpu["redis"])
-        assert cpu["total"] > 0
-        assert cpu["cores_busy"] > 0
-        assert set(cpu["runqueue_wait"]) == {"driver", "workers", "redis"}
+        # Every process of the run did work in the timed section, and no more than the
+        # machine's cores can: the meter reads the right processes over the right span.
+        assert min(cpu["driver"], cpu["redis"], *cpu["each_worker"]) > 0
+        assert 0 < cpu["cores_busy"] <= (os.cpu_count() or 1) * 1.05
+        assert cpu["redis_commands"] > 0
 
 
 def test_scale_covers_b2_and_b4_only() -> None:
     assert main(["bench", "--scale", "--only", "B1"]) == 2
+    assert main(["bench", "--scale", "--only", "B1,B2"]) == 2
     assert main(["bench", "--scale", "--soak"]) == 2

@@ -399,6 +399,31 @@ async def test_an_entry_that_does_not_parse_is_dead_lettered_acked_and_deleted(
     assert await redis_client.xlen(b_inbox) == 1  # only the good one, still being handled
 
 
+async def test_a_blocked_reader_gets_a_large_write_in_entries_of_32(
+    make_transport: MakeTransport, redis_client: aredis.Redis, namespace: str
+) -> None:
+    """33 messages of one tick leave in one write as two entries (32 + 1), and a reader
+    blocked on its inbox gets the first entry alone: it can start on it while the sender
+    goes on (the overlap behind B2's throughput)."""
+    batches: list[list[Inbound]] = []
+    box = Mailbox()
+    a = await make_transport("a", Mailbox())
+    await make_transport("b", lambda batch: (batches.append(batch), box(batch)))
+    reader_name = f"asyncgrad:{namespace}:b:reader"
+
+    async def blocked() -> bool:
+        clients = await redis_client.client_list()
+        return any(c["name"] == reader_name and "b" in c["flags"] for c in clients)
+
+    await eventually(blocked, "b's reader blocked on its inbox")
+    await asyncio.gather(*(a.send("b", [b"h", str(i).encode()]) for i in range(33)))
+    await box.wait(33)
+    assert [m.frames[1] for m in box.messages] == [str(i).encode() for i in range(33)]
+    assert [len(batch) for batch in batches][:1] == [32]
+    assert len({id(m.entry) for m in box.messages}) == 2
+    assert await redis_client.xlen(inbox(namespace, "b")) == 2  # never acked by this box
+
+
 async def test_a_message_dead_lettered_above_keeps_all_its_frames(
     make_transport: MakeTransport, redis_client: aredis.Redis, namespace: str, conn: Connection
 ) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from asyncgrad.bench import autograd, local, rpc, scale, soak
+from asyncgrad.bench import autograd, local, rpc, soak
 from asyncgrad.bench.options import Options
 
 Workload = Callable[[Options], dict[str, Any]]
@@ -53,12 +53,6 @@ def jobs(names: list[str]) -> list[tuple[str, Workload]]:
     """The named workloads (of WORKLOADS or SOAK) as `(record name, workload)` pairs."""
     pool = {**WORKLOADS, **SOAK}
     return [(name, pool[name]) for name in names]
-
-
-def scale_jobs(names: list[str]) -> list[tuple[str, Workload]]:
-    """`--scale`: B2 and B4 (those of `names`) at several worker counts (bench/scale.py);
-    ValueError when `names` holds neither."""
-    return scale.jobs(names)
 
 
 def run_jobs(

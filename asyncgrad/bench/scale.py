@@ -28,7 +28,7 @@ from asyncgrad.bench.rpc import throughput
 from asyncgrad.local_cluster import one_thread_env
 from asyncgrad.tensor import tensor
 
-__all__ = ["B2_WORKERS", "B4_CHAINS", "jobs"]
+__all__ = ["B2_WORKERS", "B4_CHAINS", "SCALED", "jobs"]
 
 B2_WORKERS = (1, 2, 4, 8)
 B4_CHAINS = (2, 4, 8)
@@ -44,8 +44,13 @@ _CPU = (
 )
 
 
+SCALED = ("B2_throughput", "B4_dist_backward_chain")
+
+
 def jobs(bases: list[str]) -> list[tuple[str, Workload]]:
-    """The scale points of the workloads in `bases` (B2_throughput, B4_dist_backward_chain)."""
+    """The scale points of the workloads in `bases`; ValueError for one with none."""
+    if unscaled := [name for name in bases if name not in SCALED]:
+        raise ValueError(f"--scale covers B2 and B4 only, not {', '.join(unscaled)}")
     points: list[tuple[str, Workload]] = []
     if "B2_throughput" in bases:
         points += [("B2_throughput_scale", functools.partial(b2_at, workers=n)) for n in B2_WORKERS]
@@ -53,8 +58,6 @@ def jobs(bases: list[str]) -> list[tuple[str, Workload]]:
         points += [
             ("B4_dist_backward_chain_scale", functools.partial(b4_at, workers=n)) for n in B4_CHAINS
         ]
-    if not points:
-        raise ValueError("--scale covers B2 and B4 only")
     return points
 
 
