@@ -37,6 +37,26 @@ def local_chain(weights: list[np.ndarray]) -> tuple[float, list[np.ndarray]]:
     return loss.item(), [w.grad for w in ws]
 
 
+async def chain_backward(driver: rpc.Agent, workers: list[str]) -> None:
+    """X through `dt.layer` on each worker in turn, a distributed backward, and the
+    workers' gradients checked against the local engine's."""
+    async with dist_autograd.context() as ctx:
+        h = ag.tensor(X)
+        for seed, name in enumerate(workers):
+            h = await driver.rpc_async(name, "dt.layer", args=(h, seed))
+        await dist_autograd.backward(ctx, [h.sum()])
+        weights_and_grads = [
+            (
+                await driver.rpc_async(name, "dt.weight_data", args=(seed,)),
+                await driver.rpc_async(name, "dt.weight_grad", args=(ctx, seed)),
+            )
+            for seed, name in enumerate(workers)
+        ]
+    _, want = local_chain([weight for weight, _ in weights_and_grads])
+    for (_, got), expected in zip(weights_and_grads, want, strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-12)
+
+
 @pytest.fixture
 async def driver(redis_url: str, namespace: str) -> AsyncIterator[rpc.Agent]:
     async with rpc.Agent("driver", redis_url, namespace) as agent:
@@ -350,15 +370,4 @@ async def test_chain_through_worker_processes(
     names = ["p1", "p2", "p3"]
     for name in names:
         spawn_worker(name, "tests.dist_funcs")
-    async with dist_autograd.context() as ctx:
-        h = ag.tensor(X)
-        for i, name in enumerate(names):
-            h = await rpc.rpc_async(name, "dt.layer", args=(h, i))
-        await dist_autograd.backward(ctx, [h.sum()])
-        grads = [
-            await rpc.rpc_async(n, "dt.weight_grad", args=(ctx, i)) for i, n in enumerate(names)
-        ]
-        weights = [await rpc.rpc_async(n, "dt.weight_data", args=(i,)) for i, n in enumerate(names)]
-    _, ref = local_chain(weights)
-    for got, want in zip(grads, ref, strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-12)
+    await chain_backward(driver, names)

@@ -25,7 +25,7 @@ import redis
 import redis.asyncio as aredis
 
 import asyncgrad as ag
-from asyncgrad import dist_autograd, rpc, status
+from asyncgrad import rpc, status
 from asyncgrad.cli import main
 from asyncgrad.local_cluster import LocalCluster
 from asyncgrad.resp import Connection, ConnectionLost, RedisAddress, ReplyError, SyncConnection
@@ -40,30 +40,10 @@ from tests.security_fixtures import (
     start_tls_server,
     tls_url,
 )
-from tests.test_dist_autograd import X, local_chain
+from tests.test_dist_autograd import chain_backward
 
 ADMIN_PASSWORD = "admin-secret"
 PASSWORDS = {"agent-ns1": "s3cret/ns1", "agent-ns2": "s3cret/ns2", "status-ns1": "look"}
-
-
-async def chain_backward(driver: rpc.Agent, workers: list[str]) -> None:
-    """X through `dt.layer` on each worker in turn, a distributed backward, and the
-    workers' gradients checked against the local engine's."""
-    async with dist_autograd.context() as ctx:
-        h = ag.tensor(X)
-        for seed, name in enumerate(workers):
-            h = await driver.rpc_async(name, "dt.layer", args=(h, seed))
-        await dist_autograd.backward(ctx, [h.sum()])
-        weights_and_grads = [
-            (
-                await driver.rpc_async(name, "dt.weight_data", args=(seed,)),
-                await driver.rpc_async(name, "dt.weight_grad", args=(ctx, seed)),
-            )
-            for seed, name in enumerate(workers)
-        ]
-    _, want = local_chain([weight for weight, _ in weights_and_grads])
-    for (_, got), expected in zip(weights_and_grads, want, strict=True):
-        np.testing.assert_allclose(got, expected, rtol=1e-12)
 
 
 async def heartbeat_refreshed(admin: aredis.Redis, namespace: str, agent: str) -> None:
