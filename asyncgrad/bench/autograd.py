@@ -16,7 +16,14 @@ from asyncgrad.bench.options import Options
 from asyncgrad.rpc import Agent
 from asyncgrad.tensor import Tensor, tensor
 
-__all__ = ["b4_dist_backward_chain", "b5_param_server", "chain", "chain_names", "chain_workers"]
+__all__ = [
+    "b4_dist_backward_chain",
+    "b5_param_server",
+    "chain",
+    "chain_names",
+    "chain_workers",
+    "local_chain_backward",
+]
 
 
 def b4_dist_backward_chain(options: Options) -> dict[str, Any]:
@@ -91,12 +98,17 @@ async def chain(
     }
 
 
-def _local_norms(x: Tensor, weights: list[np.ndarray]) -> list[float]:
-    ws = [tensor(w, requires_grad=True) for w in weights]
+def local_chain_backward(x: Tensor, weights: list[Tensor]) -> None:
+    """B4's chain (`tanh(h @ W)` per stage, summed) and its backward, in this process."""
     h = x
-    for w in ws:
+    for w in weights:
         h = (h @ w).tanh()
     h.sum().backward()
+
+
+def _local_norms(x: Tensor, weights: list[np.ndarray]) -> list[float]:
+    ws = [tensor(w, requires_grad=True) for w in weights]
+    local_chain_backward(x, ws)
     return [float(np.linalg.norm(w.grad)) if w.grad is not None else 0.0 for w in ws]
 
 

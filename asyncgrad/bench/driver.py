@@ -21,7 +21,7 @@ from asyncgrad.resp import Connection, RedisAddress
 from asyncgrad.rpc import Agent
 from asyncgrad.worker import run_loop
 
-__all__ = ["CpuMeter", "CpuSample", "Usage", "drive", "drive_metered", "scale"]
+__all__ = ["CpuMeter", "CpuSample", "Usage", "drive", "drive_metered", "parse_info", "scale"]
 
 Body = Callable[[Agent], Awaitable[dict[str, Any]]]
 MeteredBody = Callable[[Agent, "CpuMeter"], Awaitable[dict[str, Any]]]
@@ -97,10 +97,10 @@ class CpuSample:
         so the difference is what else ran. `runqueue_wait` is time each was ready to run
         but had no core.
         """
-        scale = 1 / per / unit
-        cpu = {n: (u.cpu_s - before.processes[n].cpu_s) * scale for n, u in self.processes.items()}
+        factor = 1 / per / unit
+        cpu = {n: (u.cpu_s - before.processes[n].cpu_s) * factor for n, u in self.processes.items()}
         wait = {
-            n: (u.wait_s - w) * scale
+            n: (u.wait_s - w) * factor
             for n, u in self.processes.items()
             if u.wait_s is not None and (w := before.processes[n].wait_s) is not None
         }
@@ -113,7 +113,7 @@ class CpuSample:
             "redis": cpu["redis"],
             "total": total,
             "each_worker": [cpu[n] for n in workers],
-            "cores_busy": total / scale / wall,
+            "cores_busy": total / factor / wall,
             "machine_cores_busy": (self.machine_busy_s - before.machine_busy_s) / wall,
             "runqueue_wait": {
                 "driver": wait["driver"],
@@ -157,7 +157,7 @@ class CpuMeter:
 
     async def sample(self) -> CpuSample:
         assert self._conn is not None, "use CpuMeter in `async with`"
-        info = _parse_info(await self._conn.execute("INFO"))
+        info = parse_info(await self._conn.execute("INFO"))
         redis_pid = int(info["process_id"])
         local = _is_redis_server(redis_pid)
         processes = {
@@ -198,6 +198,7 @@ def _is_redis_server(pid: int) -> bool:
         return False
 
 
-def _parse_info(reply: bytes) -> dict[str, str]:
+def parse_info(reply: bytes) -> dict[str, str]:
+    """The `field: value` lines of an `INFO` reply."""
     pairs = (line.split(":", 1) for line in reply.decode().splitlines() if ":" in line)
     return {key: value for key, value in pairs}

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from asyncgrad.bench.autograd import chain, chain_names, chain_workers
+from asyncgrad.bench.autograd import chain, chain_names, chain_workers, local_chain_backward
 from asyncgrad.bench.driver import drive_metered, scale
 from asyncgrad.bench.options import Options
 from asyncgrad.bench.rpc import throughput
@@ -107,10 +107,7 @@ def compute_ms_per_step(stages: int, steps: int) -> float:
     def step() -> None:
         for w in weights:
             w.grad = None
-        h = x
-        for w in weights:
-            h = (h @ w).tanh()
-        h.sum().backward()
+        local_chain_backward(x, weights)
 
     for _ in range(3):
         step()

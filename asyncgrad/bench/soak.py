@@ -27,13 +27,13 @@ import collections
 import contextlib
 import functools
 import os
-import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from asyncgrad.bench.driver import parse_info
 from asyncgrad.bench.options import Options
 from asyncgrad.errors import ContextError, RpcError, TransportError
 from asyncgrad.local_cluster import LocalCluster
@@ -445,10 +445,7 @@ class _Probe:
             return await self.conn.execute(*args)
 
     async def used_memory(self) -> int:
-        info = await self.execute("INFO", "memory")
-        found = re.search(rb"^used_memory:(\d+)", info, re.MULTILINE)
-        assert found is not None, info
-        return int(found.group(1))
+        return int(parse_info(await self.execute("INFO", "memory"))["used_memory"])
 
     async def backlog(self, namespace: str, names: Sequence[str]) -> int:
         """Entries in the agents' inboxes, and entries delivered but not acked."""
