@@ -1,8 +1,8 @@
 """The writing side of one agent's transport: messages out, acks, dead letters, resends.
 
-Messages are lists of frames; all the messages sent to one inbox in one event-loop tick
-travel in one stream entry (fields `m` for a message's first frame, `f` for each further
-frame). A write lost with its connection is sent again once the writer is back, which
+Messages are lists of frames; the messages sent to one inbox in one event-loop tick leave
+in one write, up to 32 to a stream entry (fields `m` for a message's first frame, `f` for
+each further frame). A write lost with its connection is sent again once the writer is back, which
 may store a message twice: the layer above drops such duplicates.
 """
 
