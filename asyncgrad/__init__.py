@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from asyncgrad import dist_autograd, nn, optim, rpc
 from asyncgrad.errors import (
+    AgentNameTaken,
     AsyncgradError,
     CodecError,
     ContextError,
@@ -26,11 +27,8 @@ from asyncgrad.tensor import Tensor, cat, ones, randn, stack, tensor, zeros
 
 __version__ = "0.1.0"
 
-# API.md names it `optim.DistributedOptimizer`; it lives with distributed autograd, a layer
-# above optim, so it is attached here rather than imported (upward) by optim.
-optim.DistributedOptimizer = dist_autograd.DistributedOptimizer  # type: ignore[misc]
-
 __all__ = [
+    "AgentNameTaken",
     "AsyncgradError",
     "CodecError",
     "ContextError",

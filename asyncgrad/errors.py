@@ -2,14 +2,22 @@
 
     AsyncgradError
     ├── CodecError            a value cannot be encoded, or bytes cannot be decoded
+    │   └── MessageError      a message decoded, but its fields are not what its kind needs
     ├── TransportError        Redis is unreachable or answered with an error
-    │   └── AgentNameTaken    a live agent already holds the name in its namespace
+    │   ├── AgentNameTaken    a live agent already holds the name in its namespace
+    │   ├── ConnectionLost    the connection to Redis closed or could not be made
+    │   ├── ReplyError        Redis answered a command with an error (`.code`: "NOPERM", ...)
+    │   └── InboxMissing      the receiver of a message has no inbox (never started, or left)
     ├── RpcError
     │   ├── RPCTimeout        also a builtin TimeoutError
     │   ├── RemoteError       the remote function raised; carries its type and traceback
     │   ├── NotExposedError   the name asked for is not exposed on the callee
     │   └── WorkerUnavailable the target is not registered or stopped heartbeating
     └── ContextError          a distributed autograd context or pass failed
+
+`ConnectionLost` and `ReplyError` are defined beside the Redis client
+(`asyncgrad.transport.resp`), `InboxMissing` beside the writer that raises it
+(`asyncgrad.transport.writer`); the rest here.
 
 A value of a type that cannot travel raises the builtin `TypeError` (as `json` does), and
 autograd misuse raises `RuntimeError` (as PyTorch does): callers already expect those.
@@ -22,6 +30,7 @@ __all__ = [
     "AsyncgradError",
     "CodecError",
     "ContextError",
+    "MessageError",
     "NotExposedError",
     "RPCTimeout",
     "RemoteError",
@@ -37,6 +46,10 @@ class AsyncgradError(Exception):
 
 class CodecError(AsyncgradError):
     """Bytes that are not a valid message, or a value over the size limit."""
+
+
+class MessageError(CodecError):
+    """A message decoded, but its fields are not what its kind requires."""
 
 
 class TransportError(AsyncgradError):

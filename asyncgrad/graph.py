@@ -8,10 +8,12 @@ object, in practice a `Tensor` with `requires_grad`) whose gradient is collected
 
 `GraphTask` runs one backward pass. It counts, for every node reachable from its start
 nodes, how many gradients it will receive; a node runs once, when its count reaches zero.
-Start nodes receive theirs from outside through `feed`, which is what lets the
-distributed engine (a later layer) feed gradients arriving over the network into the same
-pass. A gradient may be `None` ("none is coming"): a node whose gradients were all `None`
-does not run and passes `None` on, so every count still reaches zero.
+Start nodes receive theirs from outside: the roots' through `seed`, others through `feed`,
+which is what lets the distributed engine (a later layer) feed gradients arriving over the
+network into the same pass. A gradient may be `None` ("none is coming"): a node whose
+gradients were all `None` does not run and passes `None` on, so every count still reaches
+zero. A node that `exits` (its inputs live in another process) hands what it received to
+the task's `exit` callback instead of running.
 """
 
 from __future__ import annotations
@@ -93,6 +95,8 @@ class Node:
     edges: tuple[Any, ...] = ()
     num_outputs = 1
     released = False
+    # Its gradient leaves this graph (to another process): `GraphTask(exit=...)` takes it.
+    exits = False
 
     def backward_edges(self, grad: Any) -> Sequence[Array | None]:
         """Gradients for `edges`, one each (`None` where an edge needs none)."""
@@ -129,12 +133,21 @@ def _target(edge: Any) -> Any:
 class GraphTask:
     """One backward pass over the nodes reachable from `starts`.
 
-    Each start expects one gradient per time it is listed, delivered by `feed`; gradients
-    for leaves collect in `leaf_grads`. `done` turns true when every node has resolved.
+    Each start expects one gradient per time it is listed, delivered by `seed` or `feed`;
+    gradients for leaves collect in `leaf_grads`. A node that `exits` is handed to
+    `exit(node, grads)` when reached: `grads` has one gradient (or None) per output, or is
+    None when none came. `done` turns true when every node has resolved.
     """
 
-    def __init__(self, starts: Iterable[Node], *, retain_graph: bool = False) -> None:
+    def __init__(
+        self,
+        starts: Iterable[Node],
+        *,
+        retain_graph: bool = False,
+        exit: Callable[[Node, list[Any] | None], None] | None = None,
+    ) -> None:
         self.retain_graph = retain_graph
+        self._exit = exit
         self.leaf_grads: dict[Hashable, Array] = {}
         self._buffers: dict[Node, Any] = {}
         self._waiting: dict[Node, int] = {}
@@ -166,6 +179,15 @@ class GraphTask:
         """Whether `node` still waits for a gradient in this pass."""
         return node in self._waiting
 
+    def seed(self, edge: Any, grad: Array) -> None:
+        """A root's gradient: `edge` is a node, `(node, output index)`, or a leaf (whose
+        gradient is collected as it is). A node must be among the starts."""
+        node = _target(edge)
+        if isinstance(node, Node):
+            self.feed(node, grad, edge[1] if type(edge) is tuple else 0)
+        else:
+            self._collect(node, grad)
+
     def feed(self, node: Node, grad: Any, index: int = 0) -> None:
         """Deliver one gradient (or `None`) for output `index` of `node`; run what is ready."""
         if node not in self._waiting:
@@ -191,13 +213,21 @@ class GraphTask:
 
     def _run(self, node: Node, ready: list[Node]) -> None:
         grad = self._buffers.pop(node)
+        outputs: Sequence[Array | None]
         if grad is None or (type(grad) is list and all(g is None for g in grad)):
-            node.no_gradient()
-            outputs: Sequence[Array | None] = (None,) * len(node.edges)
+            if node.exits:
+                self._leave(node, None)
+            else:
+                node.no_gradient()
+            outputs = (None,) * len(node.edges)
         else:
             if node.released:
                 raise RuntimeError(f"{node.name}: {RETAIN_GRAPH_MESSAGE}")
-            outputs = node.backward_edges(grad)
+            if node.exits:
+                self._leave(node, grad if type(grad) is list else [grad])
+                outputs = ()
+            else:
+                outputs = node.backward_edges(grad)
             if not self.retain_graph:
                 node.release()
         for edge, out in zip(node.edges, outputs, strict=True):
@@ -209,6 +239,15 @@ class GraphTask:
                 ready.extend(self._receive(edge, 0, out))
             elif out is not None:
                 self._collect(edge, out)
+
+    def _leave(self, node: Node, grads: list[Any] | None) -> None:
+        if self._exit is None:
+            raise RuntimeError(
+                f"{node.name} sends its gradient to another worker: a backward through it "
+                "runs only as a distributed pass, `await dist_autograd.backward(context_id, "
+                "[loss])`, not `loss.backward()`"
+            )
+        self._exit(node, grads)
 
     def _collect(self, leaf: Hashable, grad: Array) -> None:
         total = self.leaf_grads.get(leaf)
@@ -223,18 +262,17 @@ class GraphTask:
         self.leaf_grads[leaf] = grad
 
 
+def nodes_of(edges: Iterable[Any]) -> list[Node]:
+    """The nodes among `edges` (leaves left out): the starts of a task seeded at them."""
+    return [node for node in map(_target, edges) if isinstance(node, Node)]
+
+
 def run_backward(
     seeds: Sequence[tuple[Any, Array]], *, retain_graph: bool = False
 ) -> dict[Hashable, Array]:
     """Gradients of the leaves reached from `seeds`: (edge, gradient) pairs, where an edge is
     a node, `(node, output index)` or a leaf."""
-    task = GraphTask(
-        [_target(e) for e, _ in seeds if isinstance(_target(e), Node)], retain_graph=retain_graph
-    )
+    task = GraphTask(nodes_of(e for e, _ in seeds), retain_graph=retain_graph)
     for edge, grad in seeds:
-        node = _target(edge)
-        if isinstance(node, Node):
-            task.feed(node, grad, edge[1] if type(edge) is tuple else 0)
-        else:
-            task._collect(node, grad)
+        task.seed(edge, grad)
     return task.leaf_grads

@@ -13,14 +13,14 @@ from asyncgrad.worker import import_modules, run_loop
 __all__ = ["DEMO_WORKERS", "parse_spawns", "run_demo", "run_job"]
 
 DEMO_WORKERS = {
-    "ps": ["workers.param_server"],
-    "trainer1": ["workers.demo"],
-    "trainer2": ["workers.demo"],
+    "ps": ["asyncgrad.workloads.param_server"],
+    "trainer1": ["asyncgrad.workloads.demo"],
+    "trainer2": ["asyncgrad.workloads.demo"],
 }
 
 
 def parse_spawns(specs: Sequence[str]) -> dict[str, list[str]]:
-    """`["ps=workers.param_server", "t1=a,b"]` -> `{"ps": [...], "t1": ["a", "b"]}`."""
+    """`["ps=asyncgrad.workloads.param_server", "t1=a,b"]` -> `{"ps": [...], "t1": ["a", "b"]}`."""
     spawns: dict[str, list[str]] = {}
     for spec in specs:
         name, _, modules = spec.partition("=")
@@ -60,4 +60,6 @@ def run_job(
 
 def run_demo(redis_url: str | None, namespace: str | None, steps: int) -> int:
     """The whole main job on an embedded Redis (or `redis_url`), with no setup."""
-    return run_job("workers.demo", "main", redis_url, namespace, "job", DEMO_WORKERS, steps=steps)
+    return run_job(
+        "asyncgrad.workloads.demo", "main", redis_url, namespace, "job", DEMO_WORKERS, steps=steps
+    )

@@ -13,8 +13,8 @@ from rich.console import Console
 from rich.table import Table
 
 from asyncgrad import transport
-from asyncgrad.resp import RedisAddress, ReplyError
 from asyncgrad.transport.cluster import RedisLink, connect
+from asyncgrad.transport.resp import RedisAddress, ReplyError
 
 __all__ = ["WorkerStatus", "collect", "render"]
 

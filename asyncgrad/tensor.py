@@ -284,10 +284,19 @@ def gradients(
 
     `grads[i]` is d loss / d roots[i]; `None` is allowed for a one-element root.
     """
+    seeds = root_seeds(roots, grads)
+    return run_backward(seeds, retain_graph=retain_graph)  # type: ignore[return-value]
+
+
+def root_seeds(
+    roots: Sequence[Tensor], grads: Sequence[Any] | None = None
+) -> list[tuple[Any, Array]]:
+    """(edge, gradient) for each root of a backward, local or distributed: `grads[i]` is
+    d loss / d roots[i], or None (then the root must have one element, seeded with 1)."""
     seeds: list[tuple[Any, Array]] = []
     for i, root in enumerate(roots):
         given = None if grads is None else grads[i]
-        if not root.requires_grad:
+        if not isinstance(root, Tensor) or not root.requires_grad:
             raise RuntimeError(
                 f"element {i} of tensors does not require grad and does not have a grad_fn"
             )
@@ -295,7 +304,7 @@ def gradients(
             if root.data.size != 1:
                 raise RuntimeError(
                     f"grad can be implicitly created only for one-element outputs; "
-                    f"root {i} has shape {root.shape}: pass gradient="
+                    f"root {i} has shape {root.shape}: pass its gradient"
                 )
             seed = np.ones(root.shape, dtype=root.dtype)
         else:
@@ -305,7 +314,7 @@ def gradients(
                     f"gradient has shape {seed.shape}, but root {i} has shape {root.shape}"
                 )
         seeds.append((root.edge, seed))
-    return run_backward(seeds, retain_graph=retain_graph)  # type: ignore[return-value]
+    return seeds
 
 
 # *** creation ***
@@ -314,6 +323,11 @@ def gradients(
 def tensor(data: Any, *, dtype: DTypeLike | None = None, requires_grad: bool = False) -> Tensor:
     """A new leaf tensor from an array, list or scalar (Python numbers become float32)."""
     return Tensor(data, dtype=dtype, requires_grad=requires_grad)
+
+
+def from_numpy(array: Array) -> Tensor:
+    """A leaf tensor over `array` itself, not a copy (as `torch.from_numpy`)."""
+    return Tensor._make(array)
 
 
 def _shape(shape: int | Iterable[int]) -> tuple[int, ...]:

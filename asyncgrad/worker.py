@@ -1,6 +1,6 @@
 """The worker daemon: import the modules that expose functions, then serve until told to stop.
 
-    >>> Worker("ps", imports=["workers.param_server"]).run()   # what `asyncgrad worker` does
+    >>> Worker("ps", imports=["asyncgrad.workloads.param_server"]).run()  # `asyncgrad worker`
 
 `serve()` is the async loop (for tests and embedding, with `handle_signals=False`);
 `run()` is the sync entry of the CLI. The first SIGINT/SIGTERM drains (calls being served

@@ -30,8 +30,8 @@ import redis.asyncio.cluster as aredis_cluster
 import redis.cluster
 
 from asyncgrad.embedded import EmbeddedRedis
-from asyncgrad.resp import RedisAddress
 from asyncgrad.rpc import Agent
+from asyncgrad.transport.resp import RedisAddress
 from tests.cluster_servers import ClusterServers, ClusterUnsupported, find_binaries
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,7 +8,6 @@ import numpy as np
 
 import asyncgrad as ag
 from asyncgrad import rpc
-from asyncgrad.dist_autograd.context import contexts_of
 from asyncgrad.ops import Function
 
 # (agent name, seed) -> that agent's weight: agents in one process keep separate weights.
@@ -77,7 +76,7 @@ def explode(h: ag.Tensor) -> ag.Tensor:
 
 @rpc.expose(name="dt.context_count")
 def context_count() -> int:
-    return len(contexts_of(rpc.current_agent()).by_id)
+    return len(rpc.current_agent().autograd.by_id)
 
 
 @rpc.expose(name="dt.param_rrefs")

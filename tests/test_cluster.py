@@ -15,10 +15,10 @@ import pytest
 import redis.asyncio as aredis
 
 from asyncgrad.embedded import EmbeddedRedis
-from asyncgrad.resp import ConnectionLost, RedisAddress
 from asyncgrad.rpc import Agent
 from asyncgrad.transport import dead_letters, heartbeat, inbox
 from asyncgrad.transport.cluster import ClusterConnection, SyncClusterConnection, connect
+from asyncgrad.transport.resp import ConnectionLost, RedisAddress
 from asyncgrad.transport.slots import analyse_command, key_slot
 from tests import rpc_funcs as f
 from tests.conftest import DEADLINE, LogEvents, kill_clients

@@ -69,7 +69,8 @@ def test_run_spawns_workers_and_runs_the_job(redis_url: str, namespace: str) -> 
     done = subprocess.run(
         asyncgrad(
             "run", "tests.job_funcs:sum_on_workers", "--redis", redis_url,
-            "--namespace", namespace, "--spawn", "a=workers.echo", "--spawn", "b=workers.echo",
+            "--namespace", namespace, "--spawn", "a=asyncgrad.workloads.echo",
+            "--spawn", "b=asyncgrad.workloads.echo",
         ),
         capture_output=True, text=True, timeout=55, cwd=ROOT,
     )  # fmt: skip

@@ -17,7 +17,6 @@ import pytest
 
 import asyncgrad as ag
 from asyncgrad import dist_autograd, rpc
-from asyncgrad.dist_autograd.context import contexts_of
 from tests import dist_funcs  # noqa: F401 - exposes the dt.* functions
 from tests.conftest import redis_py
 
@@ -118,6 +117,19 @@ async def test_leaf_on_the_driver_gets_its_gradient(
     assert x.grad is None
 
 
+async def test_a_local_backward_through_a_received_tensor_says_what_to_call(
+    driver: rpc.Agent, workers: list[rpc.Agent]
+) -> None:
+    x = ag.tensor(X, requires_grad=True)
+    async with dist_autograd.context() as ctx:
+        y = await rpc.rpc_async("w1", "dt.layer", args=(x, 0))
+        assert isinstance(y.grad_fn, dist_autograd.RecvRpcBackward)
+        with pytest.raises(RuntimeError, match=r"dist_autograd\.backward\(context_id"):
+            y.sum().backward()
+        await dist_autograd.backward(ctx, [y.sum()])  # the context is still usable
+        assert x in dist_autograd.get_gradients(ctx)
+
+
 async def test_nested_rpc(driver: rpc.Agent, workers: list[rpc.Agent]) -> None:
     async with dist_autograd.context() as ctx:
         h = await rpc.rpc_async("w1", "dt.forward_to", args=(ag.tensor(X), 0, "w2"))
@@ -215,7 +227,7 @@ async def test_remote_error_in_backward_reaches_the_caller(
         assert caught.value.worker == "w2"
         await settle(driver, workers)
         for agent in [driver, *workers]:
-            assert all(not c.passes for c in contexts_of(agent).by_id.values())
+            assert agent.autograd.running() == []
         # No gradient from the failed pass stays anywhere
         assert await rpc.rpc_async("w1", "dt.weight_grad", args=(ctx, 0)) is None
         # and the context works again afterwards
@@ -284,7 +296,7 @@ async def test_many_contexts_leave_nothing_behind(
         await settle(driver, workers)
         await settle(driver, workers)
         for agent in [driver, *workers]:
-            assert contexts_of(agent).by_id == {}
+            assert agent.autograd.by_id == {}
         assert sorted(client.scan_iter(match=f"{namespace}:*")) == keys_before
         for key in keys_before:
             if client.type(key) == b"stream":
@@ -310,13 +322,13 @@ async def test_nothing_is_recorded_outside_a_context(
 
 
 async def test_abandoned_contexts_expire(driver: rpc.Agent, workers: list[rpc.Agent]) -> None:
-    contexts = contexts_of(workers[0])
+    contexts = workers[0].autograd
     contexts.expiry = 0.2
     async with dist_autograd.context() as ctx:
         await rpc.rpc_async("w1", "dt.layer", args=(ag.tensor(X), 0))
         assert ctx in contexts.by_id
         # the driver "forgets" to release: drop its own record so no release is sent
-        contexts_of(driver).by_id.pop(ctx)
+        driver.autograd.by_id.pop(ctx)
     deadline = time.monotonic() + 5
     while ctx in contexts.by_id:
         assert time.monotonic() < deadline, "context never expired"

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+import re
+
 import asyncgrad as ag
+from asyncgrad import errors
 
 
 def test_top_level_all() -> None:
     assert sorted(ag.__all__) == sorted(
         [
+            "AgentNameTaken",
             "AsyncgradError",
             "CodecError",
             "ContextError",
@@ -61,3 +67,21 @@ def test_exception_tree() -> None:
     err = ag.RemoteError("ValueError", "bad", worker="ps", remote_traceback="tb")
     assert (err.remote_type, err.worker, err.remote_traceback) == ("ValueError", "ps", "tb")
     assert "ValueError on ps: bad" in str(err)
+
+
+def _subclasses(cls: type) -> set[type]:
+    return {c for sub in cls.__subclasses__() for c in (sub, *_subclasses(sub))}
+
+
+def test_the_drawn_exception_tree_names_every_error() -> None:
+    # Every module imported, so that every subclass defined anywhere exists.
+    for module in pkgutil.walk_packages(ag.__path__, "asyncgrad."):
+        if module.name != "asyncgrad.__main__":
+            importlib.import_module(module.name)
+    drawn = errors.__doc__ or ""
+    ours = {c for c in _subclasses(ag.AsyncgradError) if c.__module__.startswith("asyncgrad.")}
+    assert {"MessageError", "ConnectionLost", "ReplyError", "InboxMissing"} <= {
+        c.__name__ for c in ours
+    }
+    for cls in ours:
+        assert re.search(rf"── {cls.__name__}\b", drawn), f"errors.py does not draw {cls}"

@@ -138,4 +138,4 @@ async def test_an_rref_from_before_its_owner_restarted_names_nothing(agents: Mak
     del old
     gc.collect()
     assert await new.rpc_async(timeout=DEADLINE).add(1) == 11
-    assert len(b._rrefs) == 1
+    assert len(b.references.owned) == 1

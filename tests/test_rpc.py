@@ -3,8 +3,8 @@
 Each test makes its agents with `make_agent` (or `async with Agent(...)` where entering
 the block is the point) in its own namespace. A call is held in flight with a `Gate`
 (an `asyncio.Event` the served function waits on), never with a timer; every wait has a
-deadline. Reference counting is observed on the owner's table (`agent._rrefs`, whose
-len() is the number of values it owns) after round trips to the owner, which order the
+deadline. Reference counting is observed on the owner's table (`agent.references.owned`,
+whose len() is the number of values it owns) after round trips to the owner, which order the
 release messages sent before them.
 """
 
@@ -28,6 +28,7 @@ import pytest
 import asyncgrad as ag
 from asyncgrad import rpc
 from asyncgrad.errors import AgentNameTaken
+from asyncgrad.messages import Call
 from asyncgrad.rpc import Agent, RRef, WorkerInfo
 from tests import rpc_funcs as f
 from tests.conftest import own_namespace
@@ -462,7 +463,7 @@ async def test_remote_returns_an_rref_held_here(make_agent: MakeAgent) -> None:
     assert box.owner == "b" and not box.is_owner()
     with pytest.raises(RuntimeError):
         box.local_value()
-    assert len(b._rrefs) == 1
+    assert len(b.references.owned) == 1
     # to_here() sends the value itself, which must be able to travel: a Box cannot.
     with pytest.raises(ag.RemoteError) as raised:
         await box.to_here()
@@ -501,7 +502,7 @@ async def test_private_methods_are_refused(make_agent: MakeAgent) -> None:
     # The owner refuses too, whatever a caller puts on the wire.
     for method in ("_secret", "__class__", "__init__", "__reduce__"):
         with pytest.raises(ag.RemoteError) as raised:
-            await a._call_rref(box, method, (), None, False, None)
+            await a.calls.make("b", Call("", target=box.id, method=method), None)
         assert raised.value.remote_type == "NotExposedError"
     assert CALLS["Box._secret"] == 0
 
@@ -560,7 +561,7 @@ async def test_rref_as_argument_and_result(make_agent: MakeAgent) -> None:
     again = back["r"][0]
     assert isinstance(again, RRef) and again.owner == "b" and again.id == box.id
     assert await again.rpc_async().add(1) == 42
-    assert len(b._rrefs) == 2 and len(c._rrefs) == 0
+    assert len(b.references.owned) == 2 and len(c.references.owned) == 0
 
 
 async def test_rref_made_inside_a_served_call_is_owned_by_the_server(
@@ -570,7 +571,7 @@ async def test_rref_made_inside_a_served_call_is_owned_by_the_server(
     rref = await a.rpc_async("b", f.wrap, args=([1, 2],))
     assert rref.owner == "b" and not rref.is_owner()
     assert await rref.to_here() == [1, 2]
-    assert len(b._rrefs) == 1
+    assert len(b.references.owned) == 1
 
 
 @pytest.mark.cluster
@@ -588,7 +589,7 @@ async def test_third_agent_forwards_an_rref_it_does_not_own(make_agent: MakeAgen
     assert await holder.rpc_async().pass_on("b", INSPECT) == ("b", True, "v")
     del value, forwarded
     await holder.rpc_async().drop()
-    await until(lambda: len(b._rrefs) == 0, a, "b")
+    await until(lambda: len(b.references.owned) == 0, a, "b")
 
 
 # *** distributed reference counting ***
@@ -599,13 +600,13 @@ async def test_owner_frees_when_the_last_reference_is_collected(make_agent: Make
     a, b = await make_agent("a"), await make_agent("b")
     box = await a.remote("b", Box)
     back = await a.rpc_async("b", f.rref_back, args=(box,))
-    assert len(b._rrefs) == 1
+    assert len(b.references.owned) == 1
     del box
     await a.rpc_async("b", f.echo, args=(None,))
     gc.collect()
-    assert len(b._rrefs) == 1  # `back` still refers to it
+    assert len(b.references.owned) == 1  # `back` still refers to it
     del back
-    await until(lambda: len(b._rrefs) == 0, a, "b")
+    await until(lambda: len(b.references.owned) == 0, a, "b")
 
 
 async def test_local_rref_is_freed_when_collected(
@@ -615,9 +616,9 @@ async def test_local_rref_is_freed_when_collected(
     async with Agent("a", redis_url=redis_url, namespace=namespace) as a:
         rref = RRef({"x": 1})
         assert await a.rpc_async("b", f.inspect_rref, args=(rref,)) == ("a", False, {"x": 1})
-        assert len(a._rrefs) == 1
+        assert len(a.references.owned) == 1
         del rref
-        await until(lambda: len(a._rrefs) == 0, a, "b")
+        await until(lambda: len(a.references.owned) == 0, a, "b")
 
 
 async def test_value_lives_while_a_third_agent_holds_it(make_agent: MakeAgent) -> None:
@@ -629,22 +630,22 @@ async def test_value_lives_while_a_third_agent_holds_it(make_agent: MakeAgent) -
     await a.rpc_async("b", f.echo, args=(None,))
     await c.rpc_async("b", f.echo, args=(None,))
     gc.collect()
-    assert len(b._rrefs) == 1
+    assert len(b.references.owned) == 1
     assert await (await holder.rpc_async().give()).rpc_async().get() == 1
     await holder.rpc_async().drop()
-    await until(lambda: len(b._rrefs) == 0, c, "b")
+    await until(lambda: len(b.references.owned) == 0, c, "b")
 
 
 @pytest.mark.cluster
 async def test_owner_frees_when_the_holder_leaves(make_agent: MakeAgent) -> None:
     a, b, c = await make_agent("a"), await make_agent("b"), await make_agent("c")
     kept = [await a.remote("b", Box, args=(i,)) for i in range(3)]
-    assert len(b._rrefs) == 3
+    assert len(b.references.owned) == 3
     await a.shutdown()
     # a's leave notice was stored before a's shutdown returned, so it is served before
     # this round trip.
     await c.rpc_async("b", f.echo, args=(None,))
-    assert len(b._rrefs) == 0
+    assert len(b.references.owned) == 0
     assert all(r.owner == "b" for r in kept)
 
 
@@ -654,9 +655,9 @@ async def test_owner_frees_when_a_forwarding_holder_leaves(make_agent: MakeAgent
     box = await a.remote("b", Box)
     await holder.rpc_async().keep(box)
     del box
-    await until(lambda: b._rrefs.holders() == {"c"}, a, "b")
+    await until(lambda: b.references.owned.holders() == {"c"}, a, "b")
     await c.shutdown()
-    await until(lambda: len(b._rrefs) == 0, a, "b")
+    await until(lambda: len(b.references.owned) == 0, a, "b")
     del holder
 
 
@@ -673,8 +674,8 @@ async def test_a_failed_send_passes_on_no_reference(
         # A call that does travel must not carry the failed ones' references along.
         await a.rpc_async("c", f.echo, args=(None,))
         del mine, theirs
-        await until(lambda: len(a._rrefs) == 0 and len(b._rrefs) == 0, a, "b")
-    assert c._rrefs.holders() == set()
+        await until(lambda: len(a.references.owned) == 0 and len(b.references.owned) == 0, a, "b")
+    assert c.references.owned.holders() == set()
 
 
 async def test_a_cancelled_send_passes_on_no_reference(make_agent: MakeAgent) -> None:
@@ -688,7 +689,7 @@ async def test_a_cancelled_send_passes_on_no_reference(make_agent: MakeAgent) ->
     with pytest.raises(asyncio.CancelledError):
         await call
     del mine, theirs
-    await until(lambda: len(a._rrefs) == 0 and len(b._rrefs) == 0, a, "b")
+    await until(lambda: len(a.references.owned) == 0 and len(b.references.owned) == 0, a, "b")
 
 
 async def test_release_and_forward_in_the_same_tick(make_agent: MakeAgent) -> None:
@@ -699,12 +700,12 @@ async def test_release_and_forward_in_the_same_tick(make_agent: MakeAgent) -> No
     boxes = [await a.remote("b", Box, args=(i,)) for i in range(3)]
     await holder.rpc_async().keep(*boxes)
     del boxes
-    await until(lambda: b._rrefs.holders() == {"c"}, a, "b")
+    await until(lambda: b.references.owned.holders() == {"c"}, a, "b")
     last = await holder.rpc_async().pop_after_dropping_the_rest()
-    await until(lambda: len(b._rrefs) == 1, c, "b")
+    await until(lambda: len(b.references.owned) == 1, c, "b")
     assert await last.rpc_async().get() == 2  # not freed early
     del last
-    await until(lambda: len(b._rrefs) == 0, a, "b")
+    await until(lambda: len(b.references.owned) == 0, a, "b")
 
 
 async def test_owner_frees_what_a_holder_released_just_before_leaving(
@@ -716,7 +717,7 @@ async def test_owner_frees_what_a_holder_released_just_before_leaving(
     gc.collect()
     await a.shutdown()
     await c.rpc_async("b", f.echo, args=(None,))
-    assert len(b._rrefs) == 0
+    assert len(b.references.owned) == 0
 
 
 async def test_owner_frees_what_a_crashed_holder_held(
@@ -727,9 +728,9 @@ async def test_owner_frees_what_a_crashed_holder_held(
     a, b = await make_agent("a"), await make_agent("b", failure_timeout=1.0)
     worker = spawn_worker("w", "tests.rpc_funcs")
     assert await a.rpc_async("w", f.hold_remote, args=("b", "tests.rpc_funcs:Box")) == "b"
-    assert len(b._rrefs) == 1
+    assert len(b.references.owned) == 1
     worker.process.kill()
-    await until(lambda: len(b._rrefs) == 0, a, "b")  # w's heartbeat TTL, then b's check
+    await until(lambda: len(b.references.owned) == 0, a, "b")  # w's heartbeat TTL, then b's check
 
 
 async def test_references_released_while_draining_reach_the_owner(make_agent: MakeAgent) -> None:
@@ -739,7 +740,7 @@ async def test_references_released_while_draining_reach_the_owner(make_agent: Ma
     call = await gated_call(a, "c", g, value="late")
     stopping = asyncio.create_task(a.shutdown())
     asyncio.get_running_loop().call_soon(kept.clear)  # once a drains
-    await until(lambda: len(b._rrefs) == 0, c, "b")
+    await until(lambda: len(b.references.owned) == 0, c, "b")
     assert not stopping.done()
     g.opened.set()
     async with asyncio.timeout(DEADLINE):
@@ -759,7 +760,7 @@ async def test_copies_of_an_rref_are_the_same_reference(make_agent: MakeAgent) -
     gc.collect()
     assert await copies[0].rpc_async().get() == 1
     del copies
-    await until(lambda: len(b._rrefs) == 0, a, "b")
+    await until(lambda: len(b.references.owned) == 0, a, "b")
 
 
 async def test_passing_on_an_rref_whose_owner_left(make_agent: MakeAgent) -> None:
@@ -777,7 +778,7 @@ async def test_passing_on_an_rref_whose_owner_left(make_agent: MakeAgent) -> Non
     assert raised.value.remote_type == "WorkerUnavailable"
     # The failed call took back the count it had added on b for d.
     del alive
-    await until(lambda: len(b._rrefs) == 0, a, "b")
+    await until(lambda: len(b.references.owned) == 0, a, "b")
 
 
 async def test_remote_that_timed_out_leaves_nothing_on_the_owner(make_agent: MakeAgent) -> None:
@@ -786,7 +787,7 @@ async def test_remote_that_timed_out_leaves_nothing_on_the_owner(make_agent: Mak
     with pytest.raises(ag.RPCTimeout):
         await a.remote("b", f.gated, args=(g.key, "made late"), timeout=0.2)
     g.opened.set()  # the value is made now, and its RRef sent to a, who no longer waits
-    await until(lambda: len(b._rrefs) == 0 and g.entered.is_set(), a, "b")
+    await until(lambda: len(b.references.owned) == 0 and g.entered.is_set(), a, "b")
 
 
 async def test_many_rrefs_all_freed(make_agent: MakeAgent) -> None:
@@ -794,9 +795,9 @@ async def test_many_rrefs_all_freed(make_agent: MakeAgent) -> None:
     rrefs = await asyncio.gather(*(a.remote("b", Box, args=(i,)) for i in range(200)))
     values = await asyncio.gather(*(r.rpc_async().get() for r in rrefs))
     assert values == list(range(200))
-    assert len(b._rrefs) == 200
+    assert len(b.references.owned) == 200
     del rrefs
-    await until(lambda: len(b._rrefs) == 0, a, "b")
+    await until(lambda: len(b.references.owned) == 0, a, "b")
 
 
 # *** module level and the current agent ***
@@ -940,7 +941,7 @@ async def test_rpc_to_self(make_agent: MakeAgent) -> None:
     assert box.is_owner() and box.local_value().value == 5
     assert await box.rpc_async().add(1) == 6
     del box
-    await until(lambda: len(a._rrefs) == 0, a, "a")
+    await until(lambda: len(a.references.owned) == 0, a, "a")
 
 
 def test_names_and_namespaces_are_checked() -> None:

@@ -28,8 +28,14 @@ import asyncgrad as ag
 from asyncgrad import rpc, status
 from asyncgrad.cli import main
 from asyncgrad.local_cluster import LocalCluster
-from asyncgrad.resp import Connection, ConnectionLost, RedisAddress, ReplyError, SyncConnection
 from asyncgrad.transport import heartbeat, inbox, registry
+from asyncgrad.transport.resp import (
+    Connection,
+    ConnectionLost,
+    RedisAddress,
+    ReplyError,
+    SyncConnection,
+)
 from tests import dist_funcs  # noqa: F401 - exposes the dt.* functions
 from tests.conftest import DEADLINE, ROOT, eventually
 from tests.security_fixtures import (

@@ -71,7 +71,7 @@ def test_chaos_every_step_finishes_after_a_kill_and_a_redis_restart(tmp_path: Pa
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_a_leaking_worker_fails_the_soak() -> None:
-    leaky = {**WORKERS, "ps": ["workers.param_server", "tests.soak_leak"]}
+    leaky = {**WORKERS, "ps": ["asyncgrad.workloads.param_server", "tests.soak_leak"]}
     record = soak_job(200, workers=leaky)
     assert not record["ok"]
     assert [v.split(" RSS")[0] for v in record["violations"]] == ["ps"], record["violations"]

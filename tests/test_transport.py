@@ -20,7 +20,6 @@ import redis.asyncio as aredis
 from asyncgrad import rpc
 from asyncgrad.embedded import EmbeddedRedis
 from asyncgrad.errors import AgentNameTaken, AsyncgradError, RPCTimeout, TransportError
-from asyncgrad.resp import Connection, ConnectionLost, RedisAddress, ReplyError, SyncConnection
 from asyncgrad.transport import (
     GROUP,
     Inbound,
@@ -32,6 +31,13 @@ from asyncgrad.transport import (
     heartbeat,
     inbox,
     registry,
+)
+from asyncgrad.transport.resp import (
+    Connection,
+    ConnectionLost,
+    RedisAddress,
+    ReplyError,
+    SyncConnection,
 )
 from tests import rpc_funcs as f
 from tests.conftest import DEADLINE, LogEvents, eventually, gone_pid, here, kill_clients
@@ -668,7 +674,7 @@ async def test_the_timeout_bounds_the_whole_call_while_redis_is_unreachable(
             os.rename(address.path + ".away", address.path)
             # The +1 for c and its -1 reach b first, in order: only a still holds the box.
             assert await a.rpc_async("b", f.echo, args=(1,), timeout=DEADLINE) == 1
-            assert b._rrefs.holders() == {"a"}
+            assert b.references.owned.holders() == {"a"}
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.rename(address.path + ".away", address.path)

@@ -26,9 +26,9 @@ from asyncgrad import dist_autograd, rpc, status
 from asyncgrad.cli import main
 from asyncgrad.codec import decode
 from asyncgrad.errors import AsyncgradError, RemoteError, WorkerUnavailable
-from asyncgrad.resp import RedisAddress
 from asyncgrad.rpc import Agent
 from asyncgrad.transport import GROUP, Inbound, Transport, dead_letters, heartbeat, inbox
+from asyncgrad.transport.resp import RedisAddress
 from tests import worker_funcs  # noqa: F401  (exposes test.echo in this process too)
 from tests.conftest import DEADLINE, ROOT, WorkerProcess, eventually, own_namespace, redis_py
 
@@ -300,7 +300,10 @@ GARBAGE: dict[str, dict[bytes, bytes]] = {
     "unknown kind": {b"m": _header(99, 12), b"f": _call(1)},
     "header alone": {b"m": _header(1, 13)},
     "header declaring 4 GiB": {b"m": b"\xc6\xff\xff\xff\xff" + bytes(16), b"f": _call(1)},
+    "context record not a list": {b"m": _header(1, 15, c="context"), b"f": _call(1)},
     "reply of garbage": {b"m": _header(2, 14, r=1), b"f": b"\xc1\xc1"},
+    "gradient without its fields": {b"m": _header(16, 16), b"f": msgpack.packb({"c": 1})},
+    "pass start of wrong types": {b"m": _header(17, 17), b"f": msgpack.packb({"c": 1, "p": "2"})},
 }
 # These headers are valid CALLs from "forger": it must get a CodecError reply to each.
 BAD_CALLS: dict[str, dict[bytes, bytes]] = {
@@ -379,10 +382,11 @@ async def test_garbage_in_a_worker_inbox_is_dead_lettered_and_it_keeps_serving(
         kind, text, _ = payload["e"]
         assert kind == "CodecError", text
     reasons = [letter[b"reason"].decode() for _, letter in await redis_client.xrange(dead)]
-    assert reasons[0] == "entry is not a list of m/f fields"
-    assert all(r.startswith("bad header") for r in reasons[1 : len(GARBAGE) - 1])
-    assert reasons[len(GARBAGE) - 1].startswith("bad reply")
-    assert all(r.startswith("bad call") for r in reasons[len(GARBAGE) :])
+    expected = ["entry is not a list of m/f fields", *["bad header"] * 8, "bad reply"]
+    expected += ["bad GRAD", "bad PASS_START", *["bad call"] * len(BAD_CALLS)]
+    assert len(reasons) == len(expected)
+    for reason, start in zip(reasons, expected, strict=True):
+        assert reason.startswith(start), (reason, start)
 
 
 async def _has(client: aredis.Redis, stream: str, n: int) -> bool:

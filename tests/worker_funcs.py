@@ -12,8 +12,8 @@ import os
 from typing import Any
 
 from asyncgrad import rpc
-from asyncgrad.resp import RedisAddress
 from asyncgrad.transport.cluster import connect
+from asyncgrad.transport.resp import RedisAddress
 
 
 @rpc.expose(name="test.echo")

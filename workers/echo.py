@@ -1,13 +1,5 @@
-"""The benchmark functions (B1-B3): echo returns its argument unchanged."""
+"""The benchmarks' echo function: `asyncgrad worker worker1 --import workers.echo`."""
 
-from __future__ import annotations
+from asyncgrad.workloads.echo import echo
 
-from typing import Any
-
-from asyncgrad import rpc
-
-
-@rpc.expose(name="echo")
-def echo(value: Any) -> Any:
-    """Return `value` as received: a round trip through both inboxes."""
-    return value
+__all__ = ["echo"]

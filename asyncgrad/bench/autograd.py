@@ -37,7 +37,7 @@ def chain_names(n: int) -> list[str]:
 
 
 def chain_workers(names: list[str]) -> dict[str, list[str]]:
-    return {name: ["workers.pipeline"] for name in names}
+    return {name: ["asyncgrad.workloads.pipeline"] for name in names}
 
 
 async def chain(
@@ -157,5 +157,8 @@ def b5_param_server(options: Options) -> dict[str, Any]:
             "figures": figures,
         }
 
-    workers = {"ps": ["workers.param_server"], **{t: ["workers.demo"] for t in trainers}}
+    workers = {
+        "ps": ["asyncgrad.workloads.param_server"],
+        **{t: ["asyncgrad.workloads.demo"] for t in trainers},
+    }
     return drive(options, workers, body)

@@ -17,8 +17,8 @@ from typing import Any, Self
 
 from asyncgrad.bench.options import Options
 from asyncgrad.local_cluster import LocalCluster
-from asyncgrad.resp import Connection, RedisAddress
 from asyncgrad.rpc import Agent
+from asyncgrad.transport.resp import Connection, RedisAddress
 from asyncgrad.worker import run_loop
 
 __all__ = ["CpuMeter", "CpuSample", "Usage", "drive", "drive_metered", "parse_info", "scale"]

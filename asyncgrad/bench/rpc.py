@@ -17,7 +17,7 @@ from asyncgrad.tensor import Tensor, tensor
 
 __all__ = ["b1_latency", "b2_throughput", "b3_bandwidth", "throughput"]
 
-ECHO = {"worker1": ["workers.echo"]}
+ECHO = {"worker1": ["asyncgrad.workloads.echo"]}
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:

@@ -65,7 +65,7 @@ def b2_at(options: Options, workers: int) -> dict[str, Any]:
     names = [f"worker{i}" for i in range(1, workers + 1)]
     record = drive_metered(
         options,
-        {name: ["workers.echo"] for name in names},
+        {name: ["asyncgrad.workloads.echo"] for name in names},
         lambda agent, meter: throughput(agent, names, options.quick, meter),
     )
     record["params"].update(

@@ -37,9 +37,9 @@ from asyncgrad.bench.driver import parse_info
 from asyncgrad.bench.options import Options
 from asyncgrad.errors import ContextError, RpcError, TransportError
 from asyncgrad.local_cluster import LocalCluster
-from asyncgrad.resp import Connection, RedisAddress, ReplyError
 from asyncgrad.rpc import Agent, RRef, expose
 from asyncgrad.transport import GROUP, inbox
+from asyncgrad.transport.resp import Connection, RedisAddress, ReplyError
 from asyncgrad.worker import run_loop
 
 __all__ = ["CHAOS", "Fault", "SoakFailed", "chaos", "soak", "soak_job"]
@@ -48,7 +48,10 @@ SOAK_STEPS = 10_000  # parameter-server steps, over both trainers
 QUICK_STEPS = 1_000
 SIZES = (784, 256, 10)
 TRAINERS = ("trainer1", "trainer2")
-WORKERS = {"ps": ["workers.param_server"], **{t: ["workers.soak"] for t in TRAINERS}}
+WORKERS = {
+    "ps": ["asyncgrad.workloads.param_server"],
+    **{t: ["asyncgrad.workloads.soak"] for t in TRAINERS},
+}
 REDIS_BOUND = 1 << 20  # bytes used_memory may differ from its baseline
 RSS_BOUND = 20 << 20  # bytes an RSS may grow
 STEP_TIMEOUT = 10.0

@@ -7,17 +7,15 @@
         grads = ag.dist_autograd.get_gradients(context_id)   # this worker's leaves
         await opt.step(context_id)
 
-Every agent gets the machinery when this package is imported (asyncgrad imports it).
+Every `rpc.Agent` builds its own `Contexts` (contexts.py); the functions here use the
+current agent's.
 """
 
 from __future__ import annotations
 
-from asyncgrad.rpc import Agent
-
-from .context import Contexts, context, get_gradients
+from .functions import backward, context, get_gradients
 from .nodes import RecvRpcBackward, SendRpcBackward
 from .optimizer import DistributedOptimizer
-from .passes import backward
 
 __all__ = [
     "DistributedOptimizer",
@@ -27,6 +25,3 @@ __all__ = [
     "context",
     "get_gradients",
 ]
-
-# The seam (DESIGN.md): rpc records tensors through whatever autograd registered here.
-Agent.seam_factory = Contexts

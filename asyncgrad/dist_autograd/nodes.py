@@ -2,13 +2,13 @@
 
 `SendRpcBackward` sits on the sender, over the tensors a message carried: the gradient
 message that comes back for it is its input. `RecvRpcBackward` sits on the receiver, as
-the `grad_fn` of the tensors it received (output `i` for tensor `i`): its backward only
-hands the gradients to the pass, which ships them to the sender.
+the `grad_fn` of the tensors it received (output `i` for tensor `i`): it `exits` the
+local graph, so the engine hands what reaches it to the pass, which ships it to the sender.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -17,8 +17,6 @@ from asyncgrad.graph import Array, Node
 from asyncgrad.tensor import Tensor
 
 __all__ = ["RecvRpcBackward", "SendRpcBackward"]
-
-Shipper = Callable[["RecvRpcBackward", list[Array | None] | None], None]
 
 
 class SendRpcBackward(Node):
@@ -44,28 +42,12 @@ class SendRpcBackward(Node):
             checked.append(None if g is None else g.astype(dtype, copy=False))
         return checked
 
-    def release(self) -> None:
-        self.released = True
-
 
 class RecvRpcBackward(Node):
     """The receiver's record of message `message_id` from `peer`, shared by its tensors."""
 
-    ship: Shipper | None = None  # set by the pass that is running
+    exits = True
 
     def __init__(self, peer: str, message_id: int, count: int) -> None:
         self.peer, self.message_id = peer, message_id
         self.num_outputs = count
-
-    def backward_edges(self, grad: Any) -> Sequence[Array | None]:
-        assert self.ship is not None, "a RecvRpcBackward runs only inside a distributed pass"
-        # The engine hands a one-output node its gradient, a several-output one a list.
-        self.ship(self, [grad] if self.num_outputs == 1 else list(grad))
-        return ()
-
-    def no_gradient(self) -> None:
-        assert self.ship is not None, "a RecvRpcBackward runs only inside a distributed pass"
-        self.ship(self, None)
-
-    def release(self) -> None:
-        self.released = True

@@ -7,12 +7,14 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from asyncgrad import optim
-from asyncgrad.rpc import RRef, current_agent, expose
-from asyncgrad.rpc.exposed import lookup, name_of
+from asyncgrad import optimizers as optim
+from asyncgrad.messages import Call
+from asyncgrad.rpc.current import running_agent
+from asyncgrad.rpc.exposed import expose, lookup, name_of
+from asyncgrad.rpc.rref import RRef
 from asyncgrad.tensor import Tensor
 
-from .context import contexts_of
+from .functions import current_contexts
 
 __all__ = ["DistributedOptimizer"]
 
@@ -27,7 +29,11 @@ def _optimizer_class(name: str) -> type[optim.Optimizer]:
     return cls
 
 
-@expose(name="asyncgrad.dist_optim.Local")
+# Every worker exposes it (SECURITY.md): the owner's side of a DistributedOptimizer.
+LOCAL_OPTIMIZER = "asyncgrad.dist_optim.Local"
+
+
+@expose(name=LOCAL_OPTIMIZER)
 class _LocalOptimizer:
     """Lives on an owner: its optimizer over its parameters, kept across steps."""
 
@@ -36,7 +42,7 @@ class _LocalOptimizer:
         self.optimizer = _optimizer_class(class_name)(self.params, **defaults)
 
     def step(self, context_id: int) -> None:
-        ctx = contexts_of(current_agent()).get(context_id)
+        ctx = current_contexts().get(context_id)
         self.optimizer.step({p: ctx.grads[p] for p in self.params if p in ctx.grads})
 
 
@@ -77,7 +83,7 @@ class DistributedOptimizer:
     async def _step(self, owner: str, context_id: int) -> None:
         local = self._remote.get(owner)
         if local is None:
-            agent = current_agent()
             args = (self.class_name, self.by_owner[owner], self.defaults)
-            local = self._remote[owner] = await agent.remote(owner, _LocalOptimizer, args=args)
+            make = Call(LOCAL_OPTIMIZER, args, make_rref=True)
+            local = self._remote[owner] = await running_agent().calls.make(owner, make, None)
         await local.rpc_async().step(context_id)

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from asyncgrad.rpc.agent import Agent, WorkerInfo, _process_default, current_agent
+from asyncgrad.rpc.agent import Agent, WorkerInfo, current_agent
+from asyncgrad.rpc.current import process_default
 from asyncgrad.rpc.exposed import expose
 from asyncgrad.rpc.rref import RRef
 
@@ -35,7 +36,7 @@ __all__ = [
 async def init(name: str, **agent_kwargs: Any) -> Agent:
     """Start an agent and make it current for this process; returns it."""
     agent = await Agent(name, **agent_kwargs).start()
-    _process_default.append(agent)
+    process_default.append(agent)
     return agent
 
 

@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from asyncgrad.errors import (
     CodecError,
@@ -23,12 +23,14 @@ from asyncgrad.errors import (
     TransportError,
     WorkerUnavailable,
 )
-from asyncgrad.rpc.messages import Call, Header, Kind, Reply
+from asyncgrad.messages import Call, Header, Kind, Reply
+from asyncgrad.rpc.lifecycle import Lifecycle
+from asyncgrad.rpc.liveness import Liveness
+from asyncgrad.rpc.references import References
+from asyncgrad.rpc.seam import AutogradSeam
 from asyncgrad.rpc.server import UNANSWERED
+from asyncgrad.rpc.wire import Wire
 from asyncgrad.transport import Inbound, InboxMissing
-
-if TYPE_CHECKING:
-    from asyncgrad.rpc.agent import Agent
 
 __all__ = ["Calls"]
 
@@ -45,21 +47,41 @@ class _Pending:
 
 
 class Calls:
-    """The calls one agent made and still waits for, by message id."""
+    """The calls one agent made and still waits for, by message id.
 
-    def __init__(self, agent: Agent) -> None:
-        self._agent = agent
+    `rpc_timeout` bounds a call that names no timeout; `failure_timeout` bounds the
+    questions asked after Redis lost this agent's inbox (`recheck`).
+    """
+
+    def __init__(
+        self,
+        wire: Wire,
+        liveness: Liveness,
+        references: References,
+        autograd: AutogradSeam,
+        lifecycle: Lifecycle,
+        *,
+        rpc_timeout: float,
+        failure_timeout: float,
+    ) -> None:
+        self._wire = wire
+        self._liveness = liveness
+        self._references = references
+        self._autograd = autograd
+        self._lifecycle = lifecycle
+        self.rpc_timeout = rpc_timeout
+        self._failure_timeout = failure_timeout
         self._pending: dict[int, _Pending] = {}
 
     async def make(self, to: str, call: Call, timeout: float | None) -> Any:
         """Send `call` to `to` and return the reply's value (or raise its error)."""
-        self._agent._check_running()
+        self._lifecycle.check_running()
         if call.kwargs is not None and not (
             isinstance(call.kwargs, dict) and all(isinstance(k, str) for k in call.kwargs)
         ):
             raise TypeError(f"kwargs must be a dict with str keys, not {call.kwargs!r}")
         what = call.fn or f"rref {call.target}.{call.method or 'to_here'}"
-        limit = self._agent.rpc_timeout if timeout is None else timeout
+        limit = self.rpc_timeout if timeout is None else timeout
         # One deadline for the whole call: the liveness check and the announcement of
         # passed-on RRefs wait for Redis too, and a caller's timeout bounds all of it.
         expires = asyncio.get_running_loop().time() + limit
@@ -69,20 +91,20 @@ class Calls:
             raise RPCTimeout(f"{what} on {to!r} got no reply within {limit} s") from None
 
     async def _make_within(self, to: str, call: Call, what: str, expires: float) -> Any:
-        agent = self._agent
-        if not agent._liveness.seen_alive(to):
-            await _until(expires, agent._liveness.ensure_alive(to))
-        header_id = next(agent._ids)
-        frames, record = agent._encode(to, Kind.CALL, header_id, call.to_wire())
+        if not self._liveness.seen_alive(to):
+            await _until(expires, self._liveness.ensure_alive(to))
+        payload = self._wire.encode(call.to_wire())
+        record = self._autograd.outgoing(to, payload.tensors)
+        header_id, frames = self._wire.frames(Kind.CALL, payload, context=record)
         sent = False
         try:
-            if passed := agent._references.take_passed():
-                await _until(expires, agent._references.announce_forks(passed))
+            if passed := self._references.take_passed(payload.rrefs, to):
+                await _until(expires, self._references.announce_forks(passed))
             loop = asyncio.get_running_loop()
             future = loop.create_future()
             self._pending[header_id] = _Pending(future, to, what)
-            agent._liveness.wanted.set()
-            stored = agent._transport.send(to, frames)
+            self._liveness.wanted.set()
+            stored = self._wire.send_frames(to, frames)
             sent = True
             stored.add_done_callback(functools.partial(self._on_stored, header_id))
             # A timer bounds the wait for the reply, not `asyncio.timeout`: every call
@@ -97,8 +119,8 @@ class Calls:
             # for its gradient: failed, cancelled or timed out before it left, or refused.
             never_arrived = not sent or isinstance(e, WorkerUnavailable)
             never_arrived |= isinstance(e, RemoteError) and e.remote_type == "CodecError"
-            if record is not None and agent.seam is not None and never_arrived:
-                agent.seam.unsent(agent, to, record)
+            if record is not None and never_arrived:
+                self._autograd.unsent(to, record)
             raise
         finally:
             self._pending.pop(header_id, None)
@@ -113,19 +135,18 @@ class Calls:
         _fail(pending.future, error or RpcError("send failed"))
 
     def on_reply(self, header: Header, message: Inbound) -> None:
-        agent = self._agent
         try:
-            payload, tensors = agent._decode(message)
+            payload, tensors = self._wire.decode(message)
             reply = Reply.from_wire(payload)
         except CodecError as e:
-            agent._transport.dead_letter(message, f"bad reply: {e}")
+            self._wire.dead_letter(message, f"bad reply: {e}")
             pending = self._pending.get(header.reply_to)
             if pending is not None:
                 _fail(pending.future, e)
             return
-        agent._transport.done(message)
-        if header.context is not None and agent.seam is not None:
-            agent.seam.incoming(agent, header.sender, header.context, tensors, False)
+        self._wire.done(message)
+        if header.context is not None:
+            self._autograd.incoming(header.sender, header.context, tensors, False)
         pending = self._pending.get(header.reply_to)
         if pending is None:
             logger.debug("event=late_reply call=%d from=%s", header.reply_to, header.sender)
@@ -158,13 +179,11 @@ class Calls:
         await asyncio.gather(*(self._recheck(dest, ids) for dest, ids in waiting.items()))
 
     async def _recheck(self, dest: str, call_ids: list[int]) -> None:
-        agent = self._agent
-        deadline, delay = time.monotonic() + agent.failure_timeout, 0.05
+        name, limit = self._wire.name, self._failure_timeout
+        deadline, delay = time.monotonic() + limit, 0.05
         while True:
             try:
-                known = await agent.rpc_async(
-                    dest, UNANSWERED, args=(agent.name,), timeout=agent.failure_timeout
-                )
+                known = await self.make(dest, Call(UNANSWERED, (name,)), limit)
                 break
             except WorkerUnavailable:
                 # Its inbox may not be back yet: its reader reconnects with a backoff too.
@@ -173,12 +192,12 @@ class Calls:
                 await asyncio.sleep(delay)  # retry timer
                 delay *= 2
             except (RpcError, TransportError) as e:
-                logger.info("event=recheck_failed agent=%s callee=%s error=%s", agent.name, dest, e)
+                logger.info("event=recheck_failed agent=%s callee=%s error=%s", name, dest, e)
                 return
         lost = set(call_ids) - set(known)
         logger.info(
             "event=rechecked agent=%s callee=%s calls=%d lost=%d",
-            agent.name, dest, len(call_ids), len(lost),
+            name, dest, len(call_ids), len(lost),
         )  # fmt: skip
         for call_id in lost:
             pending = self._pending.get(call_id)

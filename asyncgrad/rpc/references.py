@@ -1,7 +1,14 @@
-"""An agent's side of reference counting (the protocol is drawn in rref.py): RRefs to and
-from the wire, the counts for RRefs a message passes on, releases, and leaving.
+"""Reference counting for RRefs: the owner's table of values and holders, and one agent's
+side of the protocol, as a holder and as an owner.
 
-The values an agent owns, with their counts, are in its `RRefTable` (`agent._rrefs`).
+Counting: the owner keeps, per value, a count per holder. Every RRef object anywhere is
+one count, under its own agent's name. Whoever puts an RRef in a message adds a count for
+the receiver *before* the message leaves: the owner directly, anyone else by an update
+to the owner that Redis has stored first (so the receiver's later release can never
+overtake it); a message that never leaves (it did not encode, its sender was cancelled,
+an owner could not be told) takes its counts back. An RRef object released
+(garbage-collected) takes its count away. The owner frees a value when its counts sum to
+zero, and drops the counts of a holder that left or stopped heartbeating.
 """
 
 from __future__ import annotations
@@ -9,72 +16,145 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from typing import TYPE_CHECKING, Any
+import secrets
+from collections import Counter
+from typing import Any
 
 from asyncgrad.errors import CodecError, TransportError, WorkerUnavailable
-from asyncgrad.rpc.messages import Header, Kind, MessageError, RRefUpdates
-from asyncgrad.rpc.rref import RRef
+from asyncgrad.messages import Header, Leaving, RRefUpdates
+from asyncgrad.rpc.lifecycle import Lifecycle
+from asyncgrad.rpc.liveness import Liveness
+from asyncgrad.rpc.wire import Wire
 from asyncgrad.transport import Inbound, InboxMissing
 
-if TYPE_CHECKING:
-    from asyncgrad.rpc.agent import Agent
-
-__all__ = ["Passed", "References"]
+__all__ = ["Passed", "RRefTable", "References"]
 
 logger = logging.getLogger(__name__)
 
 Passed = list[tuple[str, int, str]]  # (owner, id, receiver) of the RRefs in one message
 
 
+class RRefTable:
+    """The values this agent owns, and how many references each holder has to each."""
+
+    def __init__(self, owner: str) -> None:
+        self.owner = owner
+        self._values: dict[int, Any] = {}
+        self._counts: dict[int, Counter[str]] = {}
+        # Random start: RRefs to an earlier run of this owner (killed and restarted under
+        # the same name) must not name, count or free the values of this one.
+        self._first = self._next = secrets.randbits(40) << 16
+
+    def own(self, value: Any) -> int:
+        rref_id, self._next = self._next, self._next + 1
+        self._values[rref_id] = value
+        self._counts[rref_id] = Counter()
+        return rref_id
+
+    def get(self, rref_id: int) -> Any:
+        try:
+            return self._values[rref_id]
+        except KeyError:
+            why = (
+                "it was freed"
+                if self._first <= rref_id < self._next
+                else f"the RRef is older than this run of {self.owner} (it restarted?)"
+            )
+            raise LookupError(f"no value {rref_id} owned by {self.owner}: {why}") from None
+
+    def add(self, rref_id: int, holder: str, delta: int) -> None:
+        counts = self._counts.get(rref_id)
+        if counts is None:
+            logger.debug("event=rref_update_unknown owner=%s rref=%d", self.owner, rref_id)
+            return
+        counts[holder] += delta
+        if counts[holder] == 0:
+            del counts[holder]
+        if sum(counts.values()) <= 0:
+            del self._values[rref_id], self._counts[rref_id]
+
+    def drop_holder(self, holder: str) -> int:
+        """Forget every reference `holder` had; how many values that freed."""
+        freed = 0
+        for rref_id in [i for i, c in self._counts.items() if holder in c]:
+            self.add(rref_id, holder, -self._counts[rref_id][holder])
+            freed += rref_id not in self._values
+        return freed
+
+    def holders(self) -> set[str]:
+        """Other agents holding references to values owned here."""
+        return {h for c in self._counts.values() for h in c if h != self.owner}
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+
 class References:
-    """What one agent does to keep the counts right, as a holder and as an owner."""
+    """What one agent does to keep the counts right, as a holder and as an owner.
 
-    def __init__(self, agent: Agent) -> None:
-        self._agent = agent
+    `owned` is its table of the values it owns.
+    """
+
+    def __init__(
+        self, wire: Wire, owned: RRefTable, liveness: Liveness, lifecycle: Lifecycle
+    ) -> None:
+        self.name = wire.name
+        self.owned = owned
+        self._wire = wire
+        self._liveness = liveness
+        self._lifecycle = lifecycle
         # RRef objects alive here, per owner elsewhere: whom to tell when this agent leaves.
-        self.held_from: collections.Counter[str] = collections.Counter()
+        self._held_from: collections.Counter[str] = collections.Counter()
         self._releases: dict[str, list[tuple[int, str, int]]] = {}
-        # Of the message being encoded (encoding is synchronous).
-        self._receiver = ""
-        self._passing: Passed = []
 
-    # *** on the wire ***
+    # *** RRef objects here ***
 
-    def encoding_to(self, receiver: str) -> None:
-        """A message to `receiver` is about to be encoded. It starts with no RRefs passed:
-        those of a message that failed to encode (and so is never sent) are never counted."""
-        self._receiver, self._passing = receiver, []
+    def bind(self, owner: str, rref_id: int, counted: bool) -> None:
+        """A new RRef object here: one more count (unless its sender `counted` it already)."""
+        if owner != self.name:
+            self._held_from[owner] += 1
+        elif not counted:
+            self.owned.add(rref_id, owner, +1)
 
-    def to_wire(self, rref: RRef[Any]) -> tuple[str, int]:
-        """An RRef in a message: `(owner, id)`."""
-        # Counted by `take_passed` once the whole message has encoded.
-        self._passing.append((rref.owner, rref.id, self._receiver))
-        return (rref.owner, rref.id)
+    def release(self, owner: str, rref_id: int) -> None:
+        """An RRef object died (maybe in another thread, maybe at interpreter exit)."""
+        loop = self._lifecycle.loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            loop.call_soon_threadsafe(self._queue_release, owner, rref_id)
+        except RuntimeError:  # the loop closed between the check and the call: nothing to free
+            return
 
-    def from_wire(self, wire: Any) -> RRef[Any]:
-        """An RRef that arrived: its count was added by the sender."""
-        if not (isinstance(wire, tuple) and len(wire) == 2 and isinstance(wire[0], str)):
-            raise MessageError("an rref is (owner, id)")
-        return RRef._held(self._agent, wire[0], wire[1])
+    def _queue_release(self, owner: str, rref_id: int) -> None:
+        if owner == self.name:
+            self.owned.add(rref_id, self.name, -1)
+            return
+        self._held_from[owner] -= 1
+        if not self._lifecycle.running:
+            return
+        queued = self._releases.setdefault(owner, [])
+        queued.append((rref_id, self.name, -1))
+        if len(queued) == 1:
+            asyncio.get_running_loop().call_soon(self._flush_releases, owner)
 
-    def drop_passed(self) -> bool:
-        """Forget the RRefs of the message just encoded (it will not be sent); any?"""
-        passed, self._passing = self._passing, []
-        return bool(passed)
+    def _flush_releases(self, owner: str) -> None:
+        updates = self._releases.pop(owner, [])
+        if updates and self._lifecycle.running:
+            self._wire.post(owner, RRefUpdates(tuple(updates)))
 
     # *** passing RRefs on ***
 
-    def take_passed(self) -> Passed:
-        """The RRefs of the message just encoded, taken before any other message is:
-        those owned here are counted for the receiver at once, while the local reference
-        that may be the last one is still alive."""
-        agent = self._agent
-        passed, self._passing = self._passing, []
+    def take_passed(self, rrefs: list[tuple[str, int]], receiver: str) -> Passed:
+        """The RRefs of a message just encoded for `receiver`, taken before any other
+        message is: those owned here are counted for the receiver at once, while the local
+        reference that may be the last one is still alive."""
+        passed = [(owner, rref_id, receiver) for owner, rref_id in rrefs]
         for owner, rref_id, holder in passed:
-            if owner == agent.name:
-                agent._rrefs.add(rref_id, holder, +1)
-                if holder != agent.name:
-                    agent._liveness.wanted.set()  # so a holder that dies unannounced is noticed
+            if owner == self.name:
+                self.owned.add(rref_id, holder, +1)
+                if holder != self.name:
+                    self._liveness.wanted.set()  # so a holder that dies unannounced is noticed
         return passed
 
     async def announce_forks(self, passed: Passed) -> None:
@@ -82,10 +162,12 @@ class References:
         the receiver's release can never overtake it). If an owner cannot be told, or the
         caller is cancelled meanwhile, the message must not leave: every count added for
         it is taken back."""
-        forks = [(owner, i, holder) for owner, i, holder in passed if owner != self._agent.name]
+        forks = [(owner, i, holder) for owner, i, holder in passed if owner != self.name]
         if not forks:
             return
-        stored = [self._send_updates(owner, [(i, holder, +1)]) for owner, i, holder in forks]
+        stored = [
+            self._wire.send(owner, RRefUpdates(((i, holder, +1),))) for owner, i, holder in forks
+        ]
         try:
             errors = await asyncio.gather(*stored, return_exceptions=True)
             failed = next((e for e in errors if e is not None), None)
@@ -101,75 +183,48 @@ class References:
         """Undo the counts of a message that will not be sent. Each -1 to an owner is
         sent after its +1, in order, so it cannot overtake it (and one whose +1 failed
         fails the same way)."""
-        agent = self._agent
         for owner, rref_id, holder in passed:
-            if owner == agent.name:
-                agent._rrefs.add(rref_id, holder, -1)
+            if owner == self.name:
+                self.owned.add(rref_id, holder, -1)
                 continue
             try:
-                self._post_updates(owner, [(rref_id, holder, -1)])
+                self._wire.post(owner, RRefUpdates(((rref_id, holder, -1),)))
             except TransportError as e:  # Redis is gone: the count stays until holder leaves
                 logger.warning("event=take_back_failed owner=%s error=%s", owner, e)
 
-    def _send_updates(
-        self, owner: str, updates: list[tuple[int, str, int]]
-    ) -> asyncio.Future[None]:
-        return self._agent.send(owner, Kind.RREF_UPDATES, RRefUpdates(tuple(updates)).to_wire())
-
-    def _post_updates(self, owner: str, updates: list[tuple[int, str, int]]) -> None:
-        self._agent.post(owner, Kind.RREF_UPDATES, RRefUpdates(tuple(updates)).to_wire())
+    # *** as an owner ***
 
     def on_updates(self, header: Header, message: Inbound) -> None:
         """Count changes for RRefs owned here, from their holders."""
-        agent = self._agent
         try:
-            updates = RRefUpdates.from_wire(agent._decode(message)[0])
+            updates = RRefUpdates.from_wire(self._wire.decode(message)[0])
         except CodecError as e:
-            agent._transport.dead_letter(message, f"bad rref updates: {e}")
+            self._wire.dead_letter(message, f"bad rref updates: {e}")
             return
         for rref_id, holder, delta in updates.updates:
-            agent._rrefs.add(rref_id, holder, delta)
-        agent._transport.done(message)
-        if agent._rrefs.holders():
-            agent._liveness.wanted.set()
+            self.owned.add(rref_id, holder, delta)
+        self._wire.done(message)
+        if self.owned.holders():
+            self._liveness.wanted.set()
 
-    # *** releasing and leaving ***
+    def on_leaving(self, header: Header, message: Inbound) -> None:
+        """A holder says goodbye: its counts go."""
+        freed = self.owned.drop_holder(header.sender)
+        self._liveness.forget(header.sender)
+        logger.debug(
+            "event=holder_left agent=%s holder=%s freed=%d", self.name, header.sender, freed
+        )
+        self._wire.done(message)
 
-    def release(self, owner: str, rref_id: int) -> None:
-        """An RRef object died (maybe in another thread, maybe at interpreter exit)."""
-        loop = self._agent._loop
-        if loop is None or loop.is_closed():
-            return
-        try:
-            loop.call_soon_threadsafe(self._queue_release, owner, rref_id)
-        except RuntimeError:  # the loop closed between the check and the call: nothing to free
-            return
-
-    def _queue_release(self, owner: str, rref_id: int) -> None:
-        agent = self._agent
-        if owner == agent.name:
-            agent._rrefs.add(rref_id, agent.name, -1)
-            return
-        self.held_from[owner] -= 1
-        if not agent._running():
-            return
-        queued = self._releases.setdefault(owner, [])
-        queued.append((rref_id, agent.name, -1))
-        if len(queued) == 1:
-            asyncio.get_running_loop().call_soon(self._flush_releases, owner)
-
-    def _flush_releases(self, owner: str) -> None:
-        updates = self._releases.pop(owner, [])
-        if updates and self._agent._running():
-            self._post_updates(owner, updates)
+    # *** leaving ***
 
     def announce_leaving(self) -> None:
         """Tell every owner this agent holds RRefs from that it leaves (they drop its counts)."""
         # Releases still queued need not go: leaving drops all of this agent's counts.
-        owners = {o for o, n in self.held_from.items() if n > 0} | set(self._releases)
+        owners = {o for o, n in self._held_from.items() if n > 0} | set(self._releases)
         self._releases.clear()
-        for owner in sorted(owners - {self._agent.name}):
+        for owner in sorted(owners - {self.name}):
             try:
-                self._agent.post(owner, Kind.LEAVING, {})
+                self._wire.post(owner, Leaving())
             except TransportError as e:  # Redis is gone: the owner's liveness check frees them
                 logger.warning("event=leave_notice_failed owner=%s error=%s", owner, e)

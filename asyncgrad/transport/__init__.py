@@ -23,7 +23,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from asyncgrad.errors import TransportError
-from asyncgrad.resp import Arg, ConnectionLost, RedisAddress
 from asyncgrad.transport.cluster import RedisLink
 from asyncgrad.transport.connections import Endpoint, TransportSettings
 from asyncgrad.transport.heartbeats import Heartbeat, heartbeat_fields
@@ -38,12 +37,16 @@ from asyncgrad.transport.keys import (
     registry,
 )
 from asyncgrad.transport.reader import Inbound, Reader
+from asyncgrad.transport.resp import DEFAULT_URL, Arg, ConnectionLost, RedisAddress, ReplyError
 from asyncgrad.transport.writer import InboxMissing, Writer
 
 __all__ = [
+    "DEFAULT_URL",
     "GROUP",
     "Inbound",
     "InboxMissing",
+    "RedisAddress",
+    "ReplyError",
     "Transport",
     "TransportSettings",
     "check_name",
@@ -93,11 +96,25 @@ class Transport:
     async def start(self) -> int:
         """Connect, claim the name, register, create the inbox and its group, start
         heartbeats and reading; returns the agent's id."""
-        await self._writer.connect()
-        await self._reader.start()
+        try:
+            await self._writer.connect()
+            await self._reader.start()
+        except ReplyError as e:
+            if e.code == "NOPERM":
+                raise self._not_permitted(e) from e
+            raise
         self._heartbeat.start()
         self._reader.read()
         return self.id
+
+    def _not_permitted(self, error: ReplyError) -> ReplyError:
+        """Redis's NOPERM names neither the user nor the key: say who may not do what."""
+        detail = str(error).partition(" ")[2]
+        return ReplyError(
+            f"NOPERM Redis user {self.address.username or 'default'!r} at {self.address} may "
+            f"not use namespace {self.namespace!r}: {detail} (an agent needs the keys "
+            f"~{self.namespace}:* and the commands SECURITY.md lists)"
+        )
 
     async def _register(self, conn: RedisLink) -> int:
         """The registry entry (the reader reruns this after every reconnect); the first

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from asyncgrad.resp import (
+from asyncgrad.transport.resp import (
     Arg,
     Connection,
     ConnectionLost,

@@ -12,8 +12,8 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from asyncgrad.resp import ConnectionLost, RedisAddress
 from asyncgrad.transport.cluster import RedisLink, SyncRedisLink, connect, connect_sync
+from asyncgrad.transport.resp import ConnectionLost, RedisAddress
 
 __all__ = ["FIRST_RETRY_DELAY", "Endpoint", "TransportSettings"]
 

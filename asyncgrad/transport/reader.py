@@ -16,10 +16,10 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from asyncgrad.resp import ConnectionLost, ReplyError
 from asyncgrad.transport.cluster import RedisLink
 from asyncgrad.transport.connections import FIRST_RETRY_DELAY, Endpoint
 from asyncgrad.transport.keys import GROUP, inbox
+from asyncgrad.transport.resp import ConnectionLost, ReplyError
 from asyncgrad.transport.writer import Writer
 
 __all__ = ["Inbound", "Reader"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 
-from asyncgrad.resp import Arg, ReplyError
+from asyncgrad.transport.resp import Arg, ReplyError
 
 __all__ = ["SLOTS", "Node", "analyse_command", "key_slot", "redirection"]
 

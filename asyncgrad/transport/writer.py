@@ -16,10 +16,10 @@ from collections.abc import Callable
 from typing import Any
 
 from asyncgrad.errors import TransportError
-from asyncgrad.resp import Arg, ConnectionLost
 from asyncgrad.transport.cluster import RedisLink
 from asyncgrad.transport.connections import Endpoint
 from asyncgrad.transport.keys import GROUP, dead_letters, inbox
+from asyncgrad.transport.resp import Arg, ConnectionLost
 
 __all__ = ["InboxMissing", "Writer"]
 

@@ -27,8 +27,8 @@ from asyncgrad import dist_autograd, optim, rpc
 from asyncgrad.errors import ContextError, RpcError, RPCTimeout, TransportError
 from asyncgrad.nn import functional as F
 from asyncgrad.tensor import tensor
-from workers.demo import BATCH, Task
-from workers.param_server import ParameterServer
+from asyncgrad.workloads.demo import BATCH, Task
+from asyncgrad.workloads.param_server import ParameterServer
 
 RETRYABLE = (RpcError, TransportError, ContextError)
 GAP = 0.25  # seconds without a finished step that count as an interruption
@@ -184,7 +184,7 @@ class Trainer:
             if deadline.expired():
                 raise RPCTimeout(f"step {self.step} took over {timeout} s") from None
             raise
-        return loss.item()
+        return float(loss.item())
 
     async def _backoff(self, delay: float, generation: int) -> None:
         """The retry timer: `delay` s, or less if `bind()` replaced the server meanwhile."""

@@ -1,0 +1,318 @@
+"""One agent's messages, in and out: ids, frames, sending, posting, resending, and routing
+what arrives to the part that handles its kind.
+
+`MessageCodec` turns a header and a payload into frames and back. Tensors (and
+parameters) travel as `(array, requires_grad)`; RRefs as `(owner, id)`. While one payload
+is encoded or decoded (both synchronous), the tensors in it that require grad, and the
+RRefs it passes on, are collected for the caller (autograd's seam records the tensors;
+the references count the RRefs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import functools
+import itertools
+import logging
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from asyncgrad.codec import Codec, Extension
+from asyncgrad.errors import CodecError, MessageError
+from asyncgrad.messages import (
+    AUTOGRAD_RECORDS,
+    AutogradRecord,
+    ContextRecord,
+    Header,
+    Kind,
+)
+from asyncgrad.nn import Parameter
+from asyncgrad.rpc.lifecycle import Lifecycle
+from asyncgrad.tensor import Tensor, from_numpy
+from asyncgrad.transport import Inbound, InboxMissing, Transport
+
+__all__ = ["MessageCodec", "Payload", "Wire"]
+
+logger = logging.getLogger(__name__)
+
+_HEADER_LIMIT = 64 * 1024
+_TENSOR, _PARAMETER, _RREF = 16, 17, 18  # extension codes: append only, never reorder
+_RECENT = 20_000  # message ids remembered to drop duplicates (resends after a reconnect)
+# Posted again while their receiver has no inbox (`Wire.post`); not count updates, whose
+# order matters, nor a goodbye.
+_RESENT = frozenset({Kind.REPLY, Kind.PASS_DONE, Kind.PASS_ABORT, Kind.CONTEXT_RELEASE})
+
+Passed = list[tuple[str, int]]  # (owner, id) of the RRefs a payload holds
+
+
+class OneWay(Protocol):
+    """A record that travels on its own (not a call or reply): it knows its kind."""
+
+    @property
+    def kind(self) -> Kind: ...
+
+    def to_wire(self) -> Any: ...
+
+
+@dataclass(slots=True)
+class Payload:
+    """An encoded payload: its frames, the tensors in it that require grad, its RRefs."""
+
+    frames: list[bytes | memoryview]
+    tensors: list[Tensor] = field(default_factory=list)
+    rrefs: Passed = field(default_factory=list)
+
+
+class MessageCodec:
+    """One agent's headers and payloads to frames and back.
+
+    `rref_type` is the class of RRefs (encoded as `(owner, id)`), `rref_from_wire` makes
+    one of those back into an RRef held here.
+    """
+
+    def __init__(
+        self,
+        max_size: int,
+        rref_type: type[Any],
+        rref_from_wire: Callable[[str, int], Any],
+    ) -> None:
+        to_wire, from_wire = self._tensor_to_wire, self._tensor_from_wire
+        self._rref_from_wire = rref_from_wire
+        self._payloads = Codec(
+            max_size=max_size,
+            extensions=[
+                Extension(_TENSOR, Tensor, to_wire, from_wire),
+                Extension(_PARAMETER, Parameter, to_wire, from_wire),
+                Extension(_RREF, rref_type, self._rref_to_wire, self._rref_from_tuple),
+            ],
+        )
+        self._headers = Codec(max_size=_HEADER_LIMIT)
+        self._tensors: list[Tensor] = []
+        self._rrefs: Passed = []
+
+    def encode_header(self, header: Header) -> bytes:
+        return self._headers.encode_plain(header.to_wire())
+
+    def decode_header(self, frame: bytes | memoryview) -> Header:
+        return Header.from_wire(self._headers.decode_plain(frame))
+
+    def encode_payload(self, payload: Any) -> Payload:
+        self._tensors, self._rrefs = [], []
+        try:
+            return Payload(self._payloads.encode_frames(payload), self._tensors, self._rrefs)
+        finally:
+            self._tensors, self._rrefs = [], []
+
+    def decode_payload(self, frames: Sequence[bytes | memoryview]) -> tuple[Any, list[Tensor]]:
+        """The payload, and the tensors in it that require grad."""
+        self._tensors = []
+        try:
+            return self._payloads.decode_frames(frames), self._tensors
+        finally:
+            self._tensors = []
+
+    def _tensor_to_wire(self, t: Tensor) -> tuple[Any, bool]:
+        if t.requires_grad:
+            self._tensors.append(t)
+        return (t.data, t.requires_grad)
+
+    def _tensor_from_wire(self, wire: Any) -> Tensor:
+        if not (isinstance(wire, tuple) and len(wire) == 2 and isinstance(wire[1], bool)):
+            raise MessageError("a tensor is (array, requires_grad)")
+        data, requires_grad = wire
+        t = from_numpy(data)
+        if requires_grad:
+            t.requires_grad_(True)
+            self._tensors.append(t)
+        return t
+
+    def _rref_to_wire(self, rref: Any) -> tuple[str, int]:
+        wire = (rref.owner, rref.id)
+        self._rrefs.append(wire)
+        return wire
+
+    def _rref_from_tuple(self, wire: Any) -> Any:
+        if not (
+            isinstance(wire, tuple)
+            and len(wire) == 2
+            and isinstance(wire[0], str)
+            and isinstance(wire[1], int)
+        ):
+            raise MessageError("an rref is (owner, id)")
+        return self._rref_from_wire(wire[0], wire[1])
+
+
+@dataclass(slots=True)
+class _Posting:
+    """A message posted again while its receiver has no inbox (`Wire.post_frames`)."""
+
+    dest: str
+    frames: list[Any]
+    over: Callable[[], None] | None
+    deadline: float
+    delay: float = 0.05
+
+
+Handler = Callable[[Header, Inbound], None]
+
+
+class Wire:
+    """Agent `transport.name`'s messages over its transport.
+
+    What arrives goes, by kind, to the handlers given to `route` (calls, replies, count
+    updates, goodbyes: each decodes its own payload) or, as a checked record, to the
+    autograd handler. A message read twice (resent after a reconnect) is handled once.
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        codec: MessageCodec,
+        lifecycle: Lifecycle,
+        resend_for: float,
+    ) -> None:
+        self.transport = transport
+        self.name = transport.name
+        self._codec = codec
+        self._lifecycle = lifecycle
+        self._resend_for = resend_for
+        self._ids = itertools.count(secrets.randbits(40) << 20)
+        self._recent: collections.OrderedDict[tuple[str, int], None] = collections.OrderedDict()
+        self._handlers: dict[Kind, Handler] = {}
+        self._autograd: Callable[[str, AutogradRecord], None] | None = None
+
+    @property
+    def agent_id(self) -> int:
+        """The agent's id in its namespace (known once the transport started)."""
+        return self.transport.id
+
+    def route(
+        self, handlers: dict[Kind, Handler], autograd: Callable[[str, AutogradRecord], None]
+    ) -> None:
+        """Who handles each kind that arrives (set once, before the transport starts)."""
+        self._handlers, self._autograd = handlers, autograd
+
+    # *** out ***
+
+    def encode(self, payload: Any) -> Payload:
+        """A payload's frames, with the tensors that require grad and the RRefs in it."""
+        return self._codec.encode_payload(payload)
+
+    def frames(
+        self,
+        kind: Kind,
+        payload: Payload,
+        reply_to: int = 0,
+        context: ContextRecord | None = None,
+    ) -> tuple[int, list[Any]]:
+        """A new message id, and the frames of the message with that header."""
+        message_id = next(self._ids)
+        header = Header(kind, message_id, self.name, reply_to, context)
+        return message_id, [self._codec.encode_header(header), *payload.frames]
+
+    def send_frames(self, dest: str, frames: list[Any]) -> asyncio.Future[None]:
+        """Queue a message; the future resolves once Redis stored it."""
+        return self.transport.send(dest, frames)
+
+    def send(self, dest: str, record: OneWay) -> asyncio.Future[None]:
+        """Send a one-way record; the future resolves once Redis stored it."""
+        return self.transport.send(dest, self._one_way(record))
+
+    def post(self, dest: str, record: OneWay) -> None:
+        """`send`, for a record nobody waits for: a failure to store it is only logged."""
+        frames = self._one_way(record)
+        if record.kind in _RESENT:
+            self.post_frames(dest, frames)
+        else:
+            self.transport.post(dest, frames)
+
+    def _one_way(self, record: OneWay) -> list[Any]:
+        payload = self.encode(record.to_wire())
+        if payload.rrefs:
+            raise TypeError("RRefs cannot travel in one-way messages")
+        return self.frames(record.kind, payload)[1]
+
+    def post_frames(
+        self, dest: str, frames: list[Any], over: Callable[[], None] | None = None
+    ) -> None:
+        """Post; while `dest` has no inbox, post again for up to `resend_for` seconds: after
+        a Redis restart lost every inbox, a live agent's comes back within a reconnect.
+        (The receiver drops a duplicate by its message id.) `over()` runs once the message
+        is stored or given up."""
+        self._repost(_Posting(dest, frames, over, time.monotonic() + self._resend_for))
+
+    def _repost(self, posting: _Posting) -> None:
+        stored = self.transport.send(posting.dest, posting.frames)
+        stored.add_done_callback(functools.partial(self._posted, posting))
+
+    def _posted(self, posting: _Posting, stored: asyncio.Future[None]) -> None:
+        error = None if stored.cancelled() else stored.exception()
+        if isinstance(error, InboxMissing) and time.monotonic() + posting.delay < posting.deadline:
+            asyncio.get_running_loop().call_later(posting.delay, self._repost_later, posting)
+            posting.delay = min(posting.delay * 2, 1.0)  # retry timer
+            return
+        if posting.over is not None:
+            posting.over()
+        if error is not None:
+            # A receiver that left needs nobody's answer or notice: expected, not a warning.
+            level = logging.DEBUG if isinstance(error, InboxMissing) else logging.WARNING
+            logger.log(
+                level, "event=send_failed agent=%s to=%s error=%s", self.name, posting.dest, error
+            )
+
+    def _repost_later(self, posting: _Posting) -> None:
+        if self._lifecycle.running:
+            self._repost(posting)
+        elif posting.over is not None:
+            posting.over()
+
+    # *** in ***
+
+    def decode(self, message: Inbound) -> tuple[Any, list[Tensor]]:
+        """A message's payload, and the tensors in it that require grad."""
+        return self._codec.decode_payload(message.frames[1:])
+
+    def done(self, message: Inbound) -> None:
+        self.transport.done(message)
+
+    def dead_letter(self, message: Inbound, reason: str) -> None:
+        self.transport.dead_letter(message, reason)
+
+    def receive(self, batch: list[Inbound]) -> None:
+        """Each message of a batch read, to its handler (the transport's `deliver`)."""
+        for message in batch:
+            try:
+                header = self._codec.decode_header(message.frames[0])
+                if len(message.frames) < 2:
+                    raise MessageError("a message has a header and a payload")
+            except CodecError as e:
+                self.dead_letter(message, f"bad header: {e}")
+                continue
+            key = (header.sender, header.id)
+            if key in self._recent:
+                self.done(message)
+                continue
+            self._recent[key] = None
+            if len(self._recent) > _RECENT:
+                self._recent.popitem(last=False)
+            handler = self._handlers.get(header.kind)
+            if handler is not None:
+                handler(header, message)
+            else:
+                self._receive_autograd(header, message)
+
+    def _receive_autograd(self, header: Header, message: Inbound) -> None:
+        try:
+            payload, _ = self.decode(message)
+            record = AUTOGRAD_RECORDS[header.kind].from_wire(payload)
+        except CodecError as e:
+            self.dead_letter(message, f"bad {header.kind.name}: {e}")
+            return
+        self.done(message)
+        if self._autograd is None:
+            raise RuntimeError("Wire.route was not called: autograd messages have no handler")
+        self._autograd(header.sender, record)
