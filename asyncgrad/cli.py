@@ -70,6 +70,14 @@ def _parser() -> argparse.ArgumentParser:
         "--import", dest="imports", action="append", default=[], metavar="MODULE",
         help="a module that exposes functions (repeatable)",
     )  # fmt: skip
+    worker.add_argument(
+        "--failure-timeout", type=_positive, default=5.0, metavar="SECONDS",
+        help="heartbeats missed this long make the worker suspected (default 5)",
+    )  # fmt: skip
+    worker.add_argument(
+        "--rref-lease", type=_positive, default=300.0, metavar="SECONDS",
+        help="what a holder unreachable this long held here is freed (default 300)",
+    )  # fmt: skip
 
     run = command("run", _run, "run a job: the coroutine MODULE:FUNCTION(agent)")
     run.set_defaults(lifecycle_logs=False)
@@ -98,14 +106,26 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="about 10x fewer iterations")
     bench.add_argument(
         "--soak", action="store_true",
-        help="instead: the soak (S1) and chaos (S2) runs, 10,000 steps each (--quick: 1,000)",
+        help="instead: the soak (S1), chaos (S2) and faults (S3) runs, 10,000 steps each "
+        "(--quick: 1,000)",
     )  # fmt: skip
     bench.add_argument("--soak-steps", type=int, metavar="N", help="with --soak: N steps")
+    bench.add_argument(
+        "--failure-timeout", type=_positive, default=5.0, metavar="SECONDS",
+        help="with --soak: the agents' failure timeout (default 5)",
+    )  # fmt: skip
     bench.add_argument("--scale", action="store_true", help="B2 at 1-8 workers, B4 at 2-8 instead")
     _connection_options(bench)
     bench.set_defaults(namespace=None)
 
     return parser
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
+    return value
 
 
 def _connection_options(parser: argparse.ArgumentParser) -> None:
@@ -159,7 +179,12 @@ def _worker(args: argparse.Namespace) -> int:
     from asyncgrad.worker import Worker
 
     worker = Worker(
-        args.name, imports=args.imports, redis_url=_redis_url(args), namespace=args.namespace
+        args.name,
+        imports=args.imports,
+        redis_url=_redis_url(args),
+        namespace=args.namespace,
+        failure_timeout=args.failure_timeout,
+        rref_lease=args.rref_lease,
     )
     return worker.run()
 
@@ -208,7 +233,12 @@ def _bench(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"asyncgrad bench: {e}", file=sys.stderr)
         return 2
-    options = Options(quick=args.quick, redis_url=args.redis, soak_steps=args.soak_steps)
+    options = Options(
+        quick=args.quick,
+        redis_url=args.redis,
+        soak_steps=args.soak_steps,
+        failure_timeout=args.failure_timeout,
+    )
     if args.namespace:
         options = dataclasses.replace(options, namespace=args.namespace)
     return 0 if bench.run_jobs(jobs, options, json_path=args.json) else 1

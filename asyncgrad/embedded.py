@@ -84,14 +84,21 @@ class EmbeddedRedis:
     """A redis-server child process with persistence off, stopped on `stop()` or exit.
 
     `port=None` listens only on a unix socket (`unix://...`); `port=0` picks a free TCP
-    port; any other number uses that port (`redis://host:port/0`).
+    port; any other number uses that port (`redis://host:port/0`). `options` are more
+    redis-server options (e.g. `("--enable-debug-command", "local")`).
     """
 
     def __init__(
-        self, server: str | None = None, *, port: int | None = None, host: str = "127.0.0.1"
+        self,
+        server: str | None = None,
+        *,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        options: tuple[str, ...] = (),
     ) -> None:
         self._proc: subprocess.Popen[bytes] | None = None
         self._server, self._port, self._host = server, port, host
+        self._options = options
         self._dir: str | None = None
         self._log: _LogPump | None = None
         self._url = ""  # known once started: the socket path or the port is chosen then
@@ -118,7 +125,7 @@ class EmbeddedRedis:
             if self._dir is None:  # else a restart: the same directory, the same address
                 self._dir = tempfile.mkdtemp(prefix="asyncgrad-redis-")
             args = ["--save", "", "--appendonly", "no", "--dir", self._dir, "--daemonize", "no"]
-            args += ["--logfile", "", "--loglevel", "notice"]
+            args += ["--logfile", "", "--loglevel", "notice", *self._options]
             address: str | tuple[str, int]
             if self._port is None:
                 sock = os.path.join(self._dir, "redis.sock")

@@ -8,11 +8,14 @@
     │   ├── ConnectionLost    the connection to Redis closed or could not be made
     │   ├── ReplyError        Redis answered a command with an error (`.code`: "NOPERM", ...)
     │   └── InboxMissing      the receiver of a message has no inbox (never started, or left)
-    ├── RpcError
+    ├── RpcError              every error a call raises says `.may_have_run`
     │   ├── RPCTimeout        also a builtin TimeoutError
     │   ├── RemoteError       the remote function raised; carries its type and traceback
+    │   │   └── RRefReleased  also a LookupError: the owner freed the value (lease ran out)
     │   ├── NotExposedError   the name asked for is not exposed on the callee
-    │   └── WorkerUnavailable the target is not registered or stopped heartbeating
+    │   ├── WorkerUnavailable the call did not run and never will (not registered, withdrawn
+    │   │                     before the target took it, refused by a new incarnation)
+    │   └── OutcomeUnknown    the target took the call, then went silent: it may have run
     └── ContextError          a distributed autograd context or pass failed
 
 `ConnectionLost` and `ReplyError` are defined beside the Redis client
@@ -32,7 +35,9 @@ __all__ = [
     "ContextError",
     "MessageError",
     "NotExposedError",
+    "OutcomeUnknown",
     "RPCTimeout",
+    "RRefReleased",
     "RemoteError",
     "RpcError",
     "TransportError",
@@ -41,7 +46,18 @@ __all__ = [
 
 
 class AsyncgradError(Exception):
-    """Root of every error asyncgrad raises on its own account."""
+    """Root of every error asyncgrad raises on its own account.
+
+    `may_have_run`: whether the call that raised it may have run on its target (API.md,
+    "Failure semantics"); True unless the error proves that it did not.
+    """
+
+    may_have_run: bool = True
+
+    def __init__(self, *args: object, may_have_run: bool | None = None) -> None:
+        super().__init__(*args)
+        if may_have_run is not None:
+            self.may_have_run = may_have_run
 
 
 class CodecError(AsyncgradError):
@@ -87,7 +103,26 @@ class NotExposedError(RpcError):
 
 
 class WorkerUnavailable(RpcError):
-    """The target worker is not registered, or its heartbeat lapsed."""
+    """The call did not run and never will: the target is not registered, the call was
+    withdrawn before the target took it, or a new incarnation of the target refused it."""
+
+    may_have_run = False
+
+
+class OutcomeUnknown(RpcError):
+    """The target took the call and then stopped answering (killed, frozen, partitioned):
+    it may have run, or may still run."""
+
+
+class RRefReleased(RemoteError, LookupError):
+    """The owner freed the value: its holder was unreachable for longer than `rref_lease`.
+
+    The call did not run."""
+
+    may_have_run = False
+
+    def __init__(self, message: str, *, worker: str = "") -> None:
+        super().__init__("RRefReleased", message, worker=worker)
 
 
 class ContextError(AsyncgradError):

@@ -52,6 +52,8 @@ class LocalCluster:
     namespace: str = field(default_factory=lambda: "local-" + uuid.uuid4().hex[:8])
     ready_timeout: float = 60.0
     one_thread: bool = True
+    worker_args: Sequence[str] = ()  # more `asyncgrad worker` options, e.g. --failure-timeout
+    server_options: tuple[str, ...] = ()  # more redis-server options, for an embedded one
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     server: EmbeddedRedis | None = None
     _stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
@@ -60,7 +62,9 @@ class LocalCluster:
     def __enter__(self) -> LocalCluster:
         try:
             if self.redis_url is None:
-                self.server = EmbeddedRedis(os.environ.get("ASYNCGRAD_REDIS_SERVER"))
+                self.server = EmbeddedRedis(
+                    os.environ.get("ASYNCGRAD_REDIS_SERVER"), options=self.server_options
+                )
                 self.redis_url = self._stack.enter_context(self.server).url
             self._stack.callback(self._stop_workers)
             for name in self.workers:
@@ -109,6 +113,7 @@ class LocalCluster:
         argv = [sys.executable, "-m", "asyncgrad", "worker", name, "--namespace", self.namespace]
         for module in modules:
             argv += ["--import", module]
+        argv += self.worker_args
         env = one_thread_env() if self.one_thread else {**os.environ, "PYTHONUNBUFFERED": "1"}
         # Not `--redis`: a command line is visible to every local user, and the URL may
         # carry a password.

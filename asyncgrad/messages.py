@@ -92,13 +92,20 @@ class ContextRecord:
 @dataclass(frozen=True, slots=True)
 class Header:
     """Kind, message id (unique per sender incarnation), sender, the call replied to, and
-    distributed autograd's record of the message (None outside a context)."""
+    distributed autograd's record of the message (None outside a context).
+
+    A call also names the incarnation of its receiver it is for (`to_run`, "" if the
+    sender knew none) and the time after which it must not start (`deadline`, in ms of
+    Redis's clock; 0: none).
+    """
 
     kind: Kind
     id: int
     sender: str
     reply_to: int = 0
     context: ContextRecord | None = None
+    to_run: str = ""
+    deadline: int = 0
 
     def to_wire(self) -> dict[str, Any]:
         wire: dict[str, Any] = {"k": int(self.kind), "i": self.id, "s": self.sender}
@@ -106,6 +113,10 @@ class Header:
             wire["r"] = self.reply_to
         if self.context is not None:
             wire["c"] = self.context.to_wire()
+        if self.to_run:
+            wire["n"] = self.to_run
+        if self.deadline:
+            wire["d"] = self.deadline
         return wire
 
     @classmethod
@@ -116,10 +127,11 @@ class Header:
             kind, i, sender, r = wire.get("k"), wire.get("i"), wire.get("s"), wire.get("r", 0)
             if type(i) is int and type(sender) is str and type(r) is int and type(kind) is int:
                 known = _KINDS.get(kind)
-                if known is not None:
+                to_run, deadline = wire.get("n", ""), wire.get("d", 0)
+                if known is not None and type(to_run) is str and type(deadline) is int:
                     c = wire.get("c")
                     record = None if c is None else ContextRecord.from_wire(c)
-                    return cls(known, i, sender, r, record)
+                    return cls(known, i, sender, r, record, to_run, deadline)
         require(wire, dict, "header")
         try:
             kind = Kind(require(wire.get("k"), int, "k"))
@@ -132,6 +144,8 @@ class Header:
             require(wire.get("s"), str, "s"),
             require(wire.get("r", 0), int, "r"),
             None if c is None else ContextRecord.from_wire(c),
+            require(wire.get("n", ""), str, "n"),
+            require(wire.get("d", 0), int, "d"),
         )
 
 
@@ -188,19 +202,28 @@ class Call:
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """A result (`value`) or an error: (type name, message, remote traceback)."""
+    """A result (`value`) or an error: (type name, message, remote traceback).
+
+    `refused`: the callee did not serve the call, and the error's type names what the
+    caller raises: `WorkerUnavailable` (it did not run: it was for an earlier
+    incarnation), `OutcomeUnknown` (an earlier incarnation took it, and may have run
+    it), `RRefReleased` (its RRef's value was released)."""
 
     value: Any = None
     error: tuple[str, str, str] | None = None
+    refused: bool = False
 
     def to_wire(self) -> dict[str, Any]:
-        return {"v": self.value} if self.error is None else {"e": self.error}
+        if self.error is None:
+            return {"v": self.value}
+        return {"e": self.error, "x": True} if self.refused else {"e": self.error}
 
     @classmethod
     def from_wire(cls, wire: Any) -> Reply:
         require(wire, dict, "reply")
         if "e" in wire:
-            return cls(error=_error_fields(wire["e"], "an error reply"))
+            refused = require(wire.get("x", False), bool, "x")
+            return cls(error=_error_fields(wire["e"], "an error reply"), refused=refused)
         return cls(wire.get("v"))
 
 

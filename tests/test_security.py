@@ -361,3 +361,32 @@ async def test_tls_connection_closes_at_once_when_redis_stops_answering(
         assert time.monotonic() - started < 2
     finally:
         os.kill(tls_server.process.pid, signal.SIGCONT)
+
+
+def test_security_md_lists_every_name_a_worker_exposes_by_itself() -> None:
+    # A fresh interpreter: only what importing asyncgrad (as every worker does) exposes.
+    probe = (
+        "import asyncgrad; from asyncgrad.rpc import exposed; from asyncgrad.rpc.server "
+        "import UNANSWERED; print(*exposed.names(), UNANSWERED)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT
+    ).stdout.split()
+    section = (ROOT / "SECURITY.md").read_text().split("## What every worker exposes")[1]
+    table = section.split("\n## ")[0]
+    listed = {line.split("`")[1] for line in table.splitlines() if line.startswith("| `")}
+    assert listed == set(out)
+
+
+async def test_an_rref_reaches_methods_of_the_class_not_callable_attributes(
+    redis_url: str, namespace: str
+) -> None:
+    from tests import fault_funcs  # noqa: F401 - exposes fault.Counter
+
+    async with rpc.Agent("a", redis_url, namespace) as a, rpc.Agent("b", redis_url, namespace):
+        counter = await a.remote("b", "fault.Counter", args=(1,))
+        assert await counter.rpc_async().add(1) == 2
+        with pytest.raises(ag.RemoteError) as raised:
+            await counter.rpc_async().helper()
+        assert raised.value.remote_type == "NotExposedError"
+        assert "not a method of the exposed class" in str(raised.value)

@@ -21,7 +21,14 @@ from asyncgrad.cli import main
 STEPS = int(os.environ.get("ASYNCGRAD_SOAK_STEPS", "600"))
 MiB = 1 << 20
 # Errors a step may see while a worker or Redis is away, each retried (workers/soak.py).
-CLEAR = ("WorkerUnavailable", "TransportError", "RPCTimeout", "ContextError", "RemoteError")
+CLEAR = (
+    "WorkerUnavailable",
+    "OutcomeUnknown",
+    "TransportError",
+    "RPCTimeout",
+    "ContextError",
+    "RemoteError",
+)
 
 
 def bench_soak(only: str, tmp_path: Path) -> dict[str, Any]:

@@ -34,7 +34,11 @@ WORKLOADS: dict[str, Workload] = {
     "B6_local_autograd": local.b6_local_autograd,
 }
 # `--soak`: not among the above, so a plain `asyncgrad bench` never runs them.
-SOAK: dict[str, Workload] = {"S1_soak": soak.soak, "S2_chaos": soak.chaos}
+SOAK: dict[str, Workload] = {
+    "S1_soak": soak.soak,
+    "S2_chaos": soak.chaos,
+    "S3_faults": soak.faults,
+}
 
 
 def select(only: str | None, pool: dict[str, Workload] = WORKLOADS) -> list[str]:

@@ -13,6 +13,14 @@ The job keeps a checkpoint of the model (every twentieth of the run, at least 50
   stopped and a new, empty one started at the same address. Every step must still finish;
   the figures say which errors the steps saw, how many were retried, how long each
   recovery took.
+- `faults`: the same job through every fault API.md's failure semantics speak of, none of
+  which may free state or apply a step twice: a trainer, then the parameter server,
+  frozen for 10 s (SIGSTOP), `CLIENT PAUSE 4000 WRITE`, `DEBUG SLEEP 3`, Redis at
+  `maxmemory` for 2 s, and malformed reply-kind messages in every inbox.
+
+In every run, the steps the parameter server applied for each trainer must equal the
+steps that succeeded there: a step whose update may have run is completed in its own
+context (workloads/soak.py), which the server applies once.
 
 Why the parameter server is the worker killed: it is the one whose loss the job must
 notice and repair (its model is gone: restored from the checkpoint, and both trainers
@@ -27,6 +35,7 @@ import collections
 import contextlib
 import functools
 import os
+import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -42,7 +51,7 @@ from asyncgrad.transport import GROUP, inbox
 from asyncgrad.transport.resp import Connection, RedisAddress, ReplyError
 from asyncgrad.worker import run_loop
 
-__all__ = ["CHAOS", "Fault", "SoakFailed", "chaos", "soak", "soak_job"]
+__all__ = ["CHAOS", "FAULTS", "Fault", "SoakFailed", "chaos", "faults", "soak", "soak_job"]
 
 SOAK_STEPS = 10_000  # parameter-server steps, over both trainers
 QUICK_STEPS = 1_000
@@ -58,13 +67,17 @@ STEP_TIMEOUT = 10.0
 SETTLE_TIMEOUT = 30.0
 RETRYABLE = (RpcError, TransportError, ContextError)
 T = TypeVar("T")
+Injector = Callable[["Fault"], Awaitable[dict[str, Any]]]
 
 
 @dataclass(frozen=True)
 class Fault:
     """Injected once `at` (a fraction) of the run's steps are done: `kill` SIGKILLs worker
-    `target` and starts it again; `redis` stops Redis for `downtime` s and starts an empty one
-    at the same address."""
+    `target` and starts it again; `redis` stops Redis for `downtime` s and starts an empty
+    one at the same address; `stop` freezes worker `target` (SIGSTOP) for `downtime` s;
+    `pause` is `CLIENT PAUSE` of writes, `sleep` `DEBUG SLEEP`, both for `downtime` s;
+    `oom` sets `maxmemory` below what Redis uses for `downtime` s; `garbage` writes a
+    malformed reply-kind message into every agent's inbox."""
 
     at: float
     kind: str
@@ -73,6 +86,16 @@ class Fault:
 
 
 CHAOS = (Fault(0.3, "kill", "ps"), Fault(0.65, "redis"))
+FAULTS = (
+    Fault(0.12, "stop", "trainer1", 10.0),
+    Fault(0.26, "stop", "ps", 10.0),
+    Fault(0.40, "pause", downtime=4.0),
+    Fault(0.54, "sleep", downtime=3.0),
+    Fault(0.68, "oom", downtime=2.0),
+    Fault(0.82, "garbage"),
+)
+# A REPLY whose context record is a string: dead-lettered alone.
+_GARBAGE = {b"m": b"\x84\xa1k\x02\xa1i\x01\xa1s\xa1x\xa1c\xa7context", b"f": b"\x80"}
 
 
 class SoakFailed(RuntimeError):
@@ -80,14 +103,29 @@ class SoakFailed(RuntimeError):
 
 
 def soak(options: Options) -> dict[str, Any]:
-    """The long run, undisturbed: memory must come back to where it was."""
-    return soak_job(_steps(options), (), options.redis_url, options.namespace)
+    """The long run, undisturbed: memory must come back to where it was, no step may fail."""
+    return soak_job(
+        _steps(options), (), options.redis_url, options.namespace, options.failure_timeout
+    )
 
 
 def chaos(options: Options) -> dict[str, Any]:
     """The same job with a worker killed and Redis restarted (always an embedded Redis of its
     own: the one restarted)."""
-    return soak_job(_steps(options), CHAOS, None, options.namespace)
+    return soak_job(_steps(options), CHAOS, None, options.namespace, options.failure_timeout)
+
+
+def faults(options: Options) -> dict[str, Any]:
+    """The same job through freezes, stalls, a full Redis and garbage (an embedded Redis of
+    its own, which takes `DEBUG`: Redis 7)."""
+    return soak_job(
+        _steps(options),
+        FAULTS,
+        None,
+        options.namespace,
+        options.failure_timeout,
+        server_options=("--enable-debug-command", "local"),
+    )
 
 
 def _steps(options: Options) -> int:
@@ -99,21 +137,31 @@ def soak_job(
     faults: Sequence[Fault] = (),
     redis_url: str | None = None,
     namespace: str | None = None,
+    failure_timeout: float = 5.0,
     warmup: int | None = None,
     workers: dict[str, list[str]] | None = None,
+    server_options: tuple[str, ...] = (),
+    inject: Injector | None = None,
 ) -> dict[str, Any]:
     """Run the job for `steps` parameter-server steps (half per trainer), injecting `faults`.
 
     Returns the bench record: `ok` (every check held), `params`, `figures`, `violations`.
-    `workers` overrides the modules each worker imports (a test swaps in a leaky one).
+    `workers` overrides the modules each worker imports (a test swaps in a leaky one);
+    `inject` does the faults of kinds this module does not know (a test's Redis Cluster
+    failover), returning what to record of each.
     """
     per_trainer = steps // len(TRAINERS)
     warmup = min(200, max(20, per_trainer // 5)) if warmup is None else warmup
-    cluster = LocalCluster(workers or WORKERS, redis_url)
+    cluster = LocalCluster(
+        workers or WORKERS,
+        redis_url,
+        worker_args=("--failure-timeout", str(failure_timeout)),
+        server_options=server_options,
+    )
     if namespace:
         cluster.namespace = namespace
     with cluster:
-        job = _Job(cluster, per_trainer, warmup, faults)
+        job = _Job(cluster, per_trainer, warmup, faults, failure_timeout, inject)
         figures: dict[str, Any] = run_loop(job.run())
     violations = _violations(figures, faults)
     return {
@@ -127,6 +175,7 @@ def soak_job(
             "warmup_steps_per_trainer": warmup,
             "optimizer": "DistributedOptimizer(SGD lr=0.05)",
             "step_timeout_s": STEP_TIMEOUT,
+            "failure_timeout_s": failure_timeout,
             "checkpoint_every_steps": _checkpoint_every(per_trainer * len(TRAINERS)),
             "faults": [f.__dict__ for f in faults],
             "redis": "embedded" if redis_url is None else redis_url,
@@ -144,7 +193,15 @@ def _violations(figures: dict[str, Any], faults: Sequence[Fault]) -> list[str]:
     found = []
     if figures["steps_done"] != figures["steps"]:
         found.append(f"{figures['steps_done']} of {figures['steps']} steps done")
+    for name, counts in figures["steps_applied"].items():
+        if counts["applied"] != counts["succeeded"]:
+            found.append(
+                f"{name}: the server applied {counts['applied']} steps for "
+                f"{counts['succeeded']} that succeeded"
+            )
     if not faults:
+        if figures["failed_attempts"]:
+            found.append(f"{figures['failed_attempts']} attempts failed with no fault injected")
         delta = figures["redis_used_memory_delta_bytes"]
         if abs(delta) > REDIS_BOUND:
             found.append(f"Redis used_memory changed by {delta} bytes (bound {REDIS_BOUND})")
@@ -188,10 +245,17 @@ class _Job:
     """The job's side: setup, the runs, the faults and the repairs, the measurements."""
 
     def __init__(
-        self, cluster: LocalCluster, steps: int, warmup: int, faults: Sequence[Fault]
+        self,
+        cluster: LocalCluster,
+        steps: int,
+        warmup: int,
+        faults: Sequence[Fault],
+        failure_timeout: float,
+        inject: Injector | None = None,
     ) -> None:
         assert cluster.redis_url is not None
         self.cluster, self.steps, self.warmup, self.faults = cluster, steps, warmup, faults
+        self.failure_timeout, self.inject = failure_timeout, inject
         self.probe = _Probe(cluster.redis_url)
         self.agent: Agent | None = None
         self.ps: RRef[Any] | None = None
@@ -201,7 +265,8 @@ class _Job:
         self.injected: list[dict[str, Any]] = []
 
     async def run(self) -> dict[str, Any]:
-        async with Agent("driver", self.cluster.redis_url, self.cluster.namespace) as agent:
+        url, namespace = self.cluster.redis_url, self.cluster.namespace
+        async with Agent("driver", url, namespace, failure_timeout=self.failure_timeout) as agent:
             self.agent = agent
             try:
                 return await self._measured()
@@ -228,6 +293,10 @@ class _Job:
         after = None if self.faults else await self._settle()
         rss_after = self._rss()
         figures = self._figures(reports, wall, rss_before, rss_after)
+        figures["steps_applied"] = {
+            name: await _retrying(functools.partial(_applied, trainer))
+            for name, trainer in self.trainers.items()
+        }
         if before is not None and after is not None:
             figures["redis_used_memory_before"] = before
             figures["redis_used_memory_after"] = after
@@ -290,6 +359,31 @@ class _Job:
             record["steps_rolled_back"] = record["at_step"] - self.checkpoint_at
             await self._restore_ps()
             record["rebound_after_s"] = time.time() - record["t"]
+        elif fault.kind == "stop":
+            pid = self.cluster.processes[fault.target].pid
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                await asyncio.sleep(fault.downtime)  # the freeze's length, not a wait
+            finally:
+                os.kill(pid, signal.SIGCONT)
+        elif fault.kind == "pause":
+            ms = int(fault.downtime * 1000)
+            await self.probe.execute("CLIENT", "PAUSE", str(ms), "WRITE")
+            # A write waits out a write pause: when it returns, the pause is over.
+            await self.probe.execute("SET", f"{self.cluster.namespace}:after-pause", "1")
+        elif fault.kind == "sleep":
+            await self.probe.execute("DEBUG", "SLEEP", str(fault.downtime))
+        elif fault.kind == "oom":
+            used = await self.probe.used_memory()
+            await self.probe.execute("CONFIG", "SET", "maxmemory", str(used // 2))
+            try:
+                await asyncio.sleep(fault.downtime)  # how long Redis stays full
+            finally:
+                await self.probe.execute("CONFIG", "SET", "maxmemory", "0")
+        elif fault.kind == "garbage":
+            for name in ["driver", "ps", *TRAINERS]:
+                stream = inbox(self.cluster.namespace, name)
+                await self.probe.execute("XADD", stream, "*", *_flat(_GARBAGE))
         elif fault.kind == "redis":
             server = self.cluster.server
             assert server is not None
@@ -299,6 +393,8 @@ class _Job:
             server.start()
             self.probe.close()
             record["redis_back_after_s"] = time.time() - record["t"]
+        elif self.inject is not None:
+            record.update(await self.inject(fault))
         else:
             raise ValueError(f"unknown fault {fault.kind!r}")
         self.injected.append(record)
@@ -414,6 +510,15 @@ def _recovery(fault: dict[str, Any], reports: dict[str, dict[str, Any]]) -> dict
     known = [t["first_step_after_s"] for t in per_trainer.values()]
     out["recovered_after_s"] = None if None in known else max(k for k in known if k is not None)
     return out
+
+
+def _flat(fields: dict[bytes, bytes]) -> list[Any]:
+    return [part for pair in fields.items() for part in pair]
+
+
+async def _applied(trainer: RRef[Any]) -> dict[str, int]:
+    counts: dict[str, int] = await trainer.rpc_async(timeout=STEP_TIMEOUT).applied()
+    return counts
 
 
 async def _bind(trainer: RRef[Any], ps: RRef[Any]) -> None:

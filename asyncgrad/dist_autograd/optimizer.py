@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -19,6 +20,7 @@ from .functions import current_contexts
 __all__ = ["DistributedOptimizer"]
 
 _OPTIMIZERS = {cls.__name__: cls for cls in (optim.SGD, optim.Adam)}
+_REMEMBERED = 100_000  # contexts whose step is remembered (a retry comes within seconds)
 
 
 def _optimizer_class(name: str) -> type[optim.Optimizer]:
@@ -35,15 +37,33 @@ LOCAL_OPTIMIZER = "asyncgrad.dist_optim.Local"
 
 @expose(name=LOCAL_OPTIMIZER)
 class _LocalOptimizer:
-    """Lives on an owner: its optimizer over its parameters, kept across steps."""
+    """Lives on an owner: its optimizer over its parameters, kept across steps.
+
+    A step applies at most once per context: a caller that lost the answer
+    (`OutcomeUnknown`, `RPCTimeout`) asks again, and finds it done.
+    """
 
     def __init__(self, class_name: str, params: list[RRef[Tensor]], defaults: dict[str, Any]):
         self.params = [p.local_value() for p in params]
         self.optimizer = _optimizer_class(class_name)(self.params, **defaults)
+        self._applied: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self.steps = 0
 
-    def step(self, context_id: int) -> None:
+    def step(self, context_id: int) -> bool:
+        """Apply the context's gradients unless that was done; whether it is done now."""
+        if context_id in self._applied:
+            return False
         ctx = current_contexts().get(context_id)
         self.optimizer.step({p: ctx.grads[p] for p in self.params if p in ctx.grads})
+        self._applied[context_id] = None
+        if len(self._applied) > _REMEMBERED:
+            self._applied.popitem(last=False)
+        self.steps += 1
+        return True
+
+    def applied_steps(self) -> int:
+        """How many steps this optimizer applied (each context once)."""
+        return self.steps
 
 
 class DistributedOptimizer:
@@ -74,16 +94,23 @@ class DistributedOptimizer:
         for rref in params_rref:
             self.by_owner.setdefault(rref.owner, []).append(rref)
         self.id = uuid.uuid4().hex
-        self._remote: dict[str, RRef[_LocalOptimizer]] = {}
+        # The owner side of each owner, once made (`torch.distributed.optim` has this too).
+        self.remote_optimizers: dict[str, RRef[_LocalOptimizer]] = {}
 
     async def step(self, context_id: int) -> None:
-        """One optimizer step on every owner, concurrently, with this context's gradients."""
+        """One optimizer step on every owner, concurrently, with this context's gradients.
+
+        It applies at most once per context and owner: after `OutcomeUnknown` or
+        `RPCTimeout`, call it again with the same context to complete it where it is
+        missing (owners that applied it already do nothing)."""
         await asyncio.gather(*(self._step(owner, context_id) for owner in self.by_owner))
 
     async def _step(self, owner: str, context_id: int) -> None:
-        local = self._remote.get(owner)
+        local = self.remote_optimizers.get(owner)
         if local is None:
             args = (self.class_name, self.by_owner[owner], self.defaults)
             make = Call(LOCAL_OPTIMIZER, args, make_rref=True)
-            local = self._remote[owner] = await running_agent().calls.make(owner, make, None)
+            local = self.remote_optimizers[owner] = await running_agent().calls.make(
+                owner, make, None
+            )
         await local.rpc_async().step(context_id)

@@ -27,10 +27,17 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from asyncgrad.errors import AsyncgradError, RemoteError, RPCTimeout, WorkerUnavailable
+from asyncgrad.errors import (
+    AsyncgradError,
+    ContextError,
+    RemoteError,
+    RPCTimeout,
+    WorkerUnavailable,
+)
 from asyncgrad.graph import Array, GraphTask, Node, nodes_of
 from asyncgrad.messages import AutogradRecord, Grad, PassAbort, PassDone, PassStart
 from asyncgrad.tensor import Tensor
+from asyncgrad.transport import InboxMissing
 
 from .context import Context
 from .nodes import RecvRpcBackward, SendRpcBackward
@@ -146,16 +153,20 @@ class Pass:
         else:
             stored.add_done_callback(self._reached)
 
-    def _stored(self, peer: str, stored: asyncio.Future[None]) -> None:
+    def _stored(self, peer: str, stored: asyncio.Future[bytes]) -> None:
         self._unstored[peer] -= 1
         self._fresh[peer] = min(self._fresh[peer], self._unstored[peer])
         self._reached(stored)
         self._check()
 
-    def _reached(self, stored: asyncio.Future[None]) -> None:
+    def _reached(self, stored: asyncio.Future[bytes]) -> None:
         error = None if stored.cancelled() else stored.exception()
-        if error is not None and self.running:
+        if error is None or not self.running:
+            return
+        if isinstance(error, InboxMissing):
             self.fail(WorkerUnavailable(f"backward could not reach a worker: {error}"))
+        else:  # Redis refused the message (OOM, NOPERM, too large): say so, with why
+            self.fail(ContextError(f"backward could not send a message: {error}"))
 
     def _check(self) -> None:
         """Finish once the engine drained, our gradients are stored and children answered.
@@ -182,11 +193,17 @@ class Pass:
                 ctx.sends.pop(key, None)
             for key in self._recvs:
                 ctx.recvs.pop(key, None)
+        self._let_go()
         self.state = "done"
         if parent is not None:
             self._wire.post(parent, PassDone(ctx.id, self.id))
         if not self.result.done():
             self.result.set_result(None)
+
+    def _let_go(self) -> None:
+        """An ended pass stays only as a record that it ended: what it held (the graph and
+        its saved arrays, the engine, which refers back to this pass) goes now."""
+        self._task, self._sends, self._recvs, self._early = None, {}, {}, []
 
     # *** failing ***
 
@@ -198,7 +215,7 @@ class Pass:
         if self.state == "aborted":
             return
         self.state = "aborted"
-        self._early.clear()
+        self._let_go()
         self.ctx.undo(self.id)
         if not self.result.done():
             self.result.set_exception(error)

@@ -89,12 +89,14 @@ class Agent:
         rpc_timeout: float = 60.0,
         *,
         failure_timeout: float = 5.0,
+        rref_lease: float = 300.0,
         max_message_size: int = DEFAULT_MAX_SIZE,
     ) -> None:
         self.name = name
         self.namespace = namespace
         self.rpc_timeout = rpc_timeout
         self.failure_timeout = failure_timeout
+        self.rref_lease = rref_lease
         self.redis_url = redis_url or default_redis_url()
         settings = TransportSettings(
             heartbeat_ttl=failure_timeout * 0.6, heartbeat_interval=failure_timeout * 0.15
@@ -112,8 +114,11 @@ class Agent:
         self._lifecycle = Lifecycle(name)
         codec = MessageCodec(max_message_size, RRef, self._held_rref)
         self._wire = Wire(self._transport, codec, self._lifecycle, resend_for=failure_timeout)
-        self._liveness = Liveness(self._transport, failure_timeout, self._watched, self._lost)
-        self._references = References(self._wire, RRefTable(name), self._liveness, self._lifecycle)
+        self._liveness = Liveness(
+            self._transport, failure_timeout, self._watched, self._suspect, self._born
+        )
+        owned = RRefTable(name, self._transport.redis_now_ms)
+        self._references = References(self._wire, owned, self._liveness, self._lifecycle)
         self._autograd = Contexts(
             self._wire, self._liveness, rpc_timeout=rpc_timeout, failure_timeout=failure_timeout
         )
@@ -284,10 +289,31 @@ class Agent:
         """Whom liveness watches: the callees of calls in flight, the holders of RRefs."""
         return self._calls.callees() | self._references.owned.holders()
 
-    def _lost(self, name: str) -> None:
-        self._calls.fail(WorkerUnavailable(f"worker {name!r} stopped heartbeating"), name)
-        freed = self._references.owned.drop_holder(name)
-        logger.info("event=worker_lost agent=%s lost=%s rrefs_freed=%d", self.name, name, freed)
+    def _suspect(self, name: str, away: float) -> None:
+        """`name` stopped heartbeating, `away` s ago: fail the calls in flight to it. What
+        it holds here is freed only once its lease ran out (suspicion is not death)."""
+        self._calls.suspect(name)
+        if away >= self.rref_lease and name in self._references.owned.holders():
+            why = (
+                f"its holder {name!r} was unreachable for {away:.0f} s, longer than "
+                f"rref_lease ({self.rref_lease:g} s)"
+            )
+            self._release_holder(name, why)
+
+    def _born(self, name: str, born_ms: int) -> None:
+        """The incarnation under `name` began at `born_ms`: if after `name` got what it
+        holds here, the one that got it is dead. (Calls in flight to that one end when
+        the new one refuses them.)"""
+        since = self._references.owned.holder_since(name)
+        if since is not None and born_ms > since:
+            self._release_holder(name, f"its holder {name!r} was started again")
+
+    def _release_holder(self, name: str, why: str) -> None:
+        freed = self._references.owned.drop_holder(name, released=why)
+        logger.info(
+            "event=holder_released agent=%s holder=%s rrefs_freed=%d why=%s",
+            self.name, name, freed, why,
+        )  # fmt: skip
 
     def _on_inbox_lost(self) -> None:
         """Redis lost this agent's inbox (a restart without persistence): messages on their

@@ -1,8 +1,11 @@
 """The calls an agent makes: each one's message out, its wait for the reply, its end.
 
-A call ends with the reply's value or error, with `RPCTimeout` when its timeout (which
-bounds the whole call) runs out, or with `WorkerUnavailable` when the callee has no
-inbox or stops heartbeating meanwhile.
+A call names the incarnation of the callee it is for and carries its deadline on Redis's
+clock (the callee drops it when late). It ends with the reply's value or error, with
+`RPCTimeout` when its timeout (which bounds the whole call) runs out, or, when the callee
+is suspected meanwhile (`suspect`), with `WorkerUnavailable` if the callee had not taken
+it yet (it is withdrawn from the callee's inbox: it will never run) or `OutcomeUnknown` if
+it had.
 """
 
 from __future__ import annotations
@@ -11,15 +14,17 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from asyncgrad.errors import (
     CodecError,
+    OutcomeUnknown,
     RemoteError,
     RpcError,
     RPCTimeout,
+    RRefReleased,
     TransportError,
     WorkerUnavailable,
 )
@@ -44,6 +49,9 @@ class _Pending:
     future: asyncio.Future[Any]
     dest: str
     fn: str
+    to_run: str  # the callee's incarnation it was sent to ("" if unknown)
+    entry: bytes | None = None  # its stream entry, once stored
+    settling: bool = False  # being withdrawn, or found taken, after a suspicion
 
 
 class Calls:
@@ -95,16 +103,21 @@ class Calls:
             await _until(expires, self._liveness.ensure_alive(to))
         payload = self._wire.encode(call.to_wire())
         record = self._autograd.outgoing(to, payload.tensors)
-        header_id, frames = self._wire.frames(Kind.CALL, payload, context=record)
+        to_run = self._liveness.incarnation(to)
+        now_ms = self._wire.transport.redis_now_ms()
+        deadline = 0 if now_ms is None else int(now_ms + (expires - _now()) * 1000) + 1
+        header_id, frames = self._wire.frames(
+            Kind.CALL, payload, context=record, to_run=to_run, deadline=deadline
+        )
         sent = False
         try:
             if passed := self._references.take_passed(payload.rrefs, to):
                 await _until(expires, self._references.announce_forks(passed))
             loop = asyncio.get_running_loop()
             future = loop.create_future()
-            self._pending[header_id] = _Pending(future, to, what)
+            self._pending[header_id] = _Pending(future, to, what, to_run)
             self._liveness.wanted.set()
-            stored = self._wire.send_frames(to, frames)
+            stored = self._wire.send_call(to, frames)
             sent = True
             stored.add_done_callback(functools.partial(self._on_stored, header_id))
             # A timer bounds the wait for the reply, not `asyncio.timeout`: every call
@@ -125,14 +138,20 @@ class Calls:
         finally:
             self._pending.pop(header_id, None)
 
-    def _on_stored(self, call_id: int, stored: asyncio.Future[None]) -> None:
+    def _on_stored(self, call_id: int, stored: asyncio.Future[bytes]) -> None:
         pending = self._pending.get(call_id)
-        if pending is None or stored.cancelled() or stored.exception() is None:
+        if pending is None or stored.cancelled():
             return
         error: BaseException | None = stored.exception()
+        if error is None:
+            pending.entry = stored.result()
+            return
         if isinstance(error, InboxMissing):
             error = WorkerUnavailable(f"no worker named {pending.dest!r} is serving: {error}")
-        _fail(pending.future, error or RpcError("send failed"))
+        elif isinstance(error, TransportError):
+            # Redis refused to store the call (OOM, NOPERM, too large): it never left.
+            error.may_have_run = False
+        _fail(pending.future, error)
 
     def on_reply(self, header: Header, message: Inbound) -> None:
         try:
@@ -155,8 +174,53 @@ class Calls:
             if not pending.future.done():
                 pending.future.set_result(reply.value)
             return
-        kind, text, tb = reply.error
-        _fail(pending.future, RemoteError(kind, text, worker=header.sender, remote_traceback=tb))
+        if reply.refused:  # a new incarnation answered: look at its heartbeat again
+            self._liveness.forget(header.sender)
+        _fail(pending.future, _reply_error(reply, header.sender))
+
+    # *** a callee suspected ***
+
+    def suspect(self, callee: str) -> None:
+        """`callee` stopped heartbeating: each call in flight to it is withdrawn if it was
+        not taken yet (`WorkerUnavailable`), else ends with `OutcomeUnknown`."""
+        settling = [
+            p
+            for p in self._pending.values()
+            if p.dest == callee and not p.settling and p.entry is not None
+        ]
+        if settling and self._lifecycle.running:
+            for p in settling:
+                p.settling = True
+            self._lifecycle.spawn(self._settle(callee, settling))
+
+    async def _settle(self, callee: str, calls: list[_Pending]) -> None:
+        entries: dict[bytes, list[_Pending]] = {}
+        for p in calls:
+            assert p.entry is not None
+            entries.setdefault(p.entry, []).append(p)
+        for entry, waiting in entries.items():
+            try:
+                withdrawn = await self._wire.withdraw(callee, entry)
+            except TransportError as e:  # Redis out of reach: ask again at the next check
+                logger.info("event=withdraw_failed agent=%s error=%s", self._wire.name, e)
+                for p in waiting:
+                    p.settling = False
+                continue
+            for p in waiting:
+                if withdrawn:
+                    error: RpcError = WorkerUnavailable(
+                        f"{p.fn} on {callee!r}: the worker stopped heartbeating before it "
+                        "took the call, which was withdrawn (it will not run)"
+                    )
+                else:
+                    error = OutcomeUnknown(
+                        f"{p.fn} on {callee!r}: the worker took the call, then stopped "
+                        "heartbeating (it may have run, or may still run)"
+                    )
+                _fail(p.future, error)
+        logger.info(
+            "event=calls_settled agent=%s callee=%s calls=%d", self._wire.name, callee, len(calls)
+        )
 
     # *** for liveness and shutdown ***
 
@@ -231,6 +295,26 @@ async def _until(expires: float, work: Awaitable[T]) -> T:
         if deadline.expired():
             raise _Expired from None
         raise
+
+
+def _now() -> float:
+    return asyncio.get_running_loop().time()
+
+
+def _reply_error(reply: Reply, callee: str) -> RpcError:
+    """The error a caller raises for an error reply."""
+    assert reply.error is not None
+    kind, text, tb = reply.error
+    if reply.refused and kind in _REFUSALS:
+        return _REFUSALS[kind](text, callee)
+    return RemoteError(kind, text, worker=callee, remote_traceback=tb)
+
+
+_REFUSALS: dict[str, Callable[[str, str], RpcError]] = {
+    "WorkerUnavailable": lambda text, _: WorkerUnavailable(text),
+    "OutcomeUnknown": lambda text, _: OutcomeUnknown(text),
+    "RRefReleased": lambda text, callee: RRefReleased(text, worker=callee),
+}
 
 
 def _expire(future: asyncio.Future[Any]) -> None:

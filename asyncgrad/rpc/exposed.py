@@ -13,7 +13,7 @@ from typing import Any, TypeVar, overload
 
 from asyncgrad.errors import NotExposedError
 
-__all__ = ["expose", "lookup", "name_of"]
+__all__ = ["expose", "is_exposed_class", "lookup", "name_of", "names"]
 
 T = TypeVar("T")
 _ATTR = "__asyncgrad_name__"
@@ -67,6 +67,11 @@ def is_exposed_class(cls: type) -> bool:
     """Whether `cls` itself (not merely a base of it) was exposed."""
     name = cls.__dict__.get(_ATTR)
     return isinstance(name, str) and _EXPOSED.get(name) is cls
+
+
+def names() -> list[str]:
+    """Every name exposed in this process."""
+    return sorted(_EXPOSED)
 
 
 def lookup(name: str) -> Any:

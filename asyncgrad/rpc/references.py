@@ -8,7 +8,10 @@ to the owner that Redis has stored first (so the receiver's later release can ne
 overtake it); a message that never leaves (it did not encode, its sender was cancelled,
 an owner could not be told) takes its counts back. An RRef object released
 (garbage-collected) takes its count away. The owner frees a value when its counts sum to
-zero, and drops the counts of a holder that left or stopped heartbeating.
+zero, and drops the counts of a holder only on evidence of its death: it left (a
+goodbye), a new incarnation took its name, or it stayed unreachable for longer than the
+owner's `rref_lease`. A holder that is merely suspected (a pause, a Redis stall) keeps
+its counts.
 """
 
 from __future__ import annotations
@@ -17,10 +20,12 @@ import asyncio
 import collections
 import logging
 import secrets
+import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
-from asyncgrad.errors import CodecError, TransportError, WorkerUnavailable
+from asyncgrad.errors import CodecError, RRefReleased, TransportError, WorkerUnavailable
 from asyncgrad.messages import Header, Leaving, RRefUpdates
 from asyncgrad.rpc.lifecycle import Lifecycle
 from asyncgrad.rpc.liveness import Liveness
@@ -32,15 +37,25 @@ __all__ = ["Passed", "RRefTable", "References"]
 logger = logging.getLogger(__name__)
 
 Passed = list[tuple[str, int, str]]  # (owner, id, receiver) of the RRefs in one message
+_RELEASED = 10_000  # values released on evidence of death, remembered to say so
 
 
 class RRefTable:
     """The values this agent owns, and how many references each holder has to each."""
 
-    def __init__(self, owner: str) -> None:
+    def __init__(self, owner: str, clock: Callable[[], float | None] = lambda: None) -> None:
         self.owner = owner
+        self._clock = clock  # Redis's clock, in ms
         self._values: dict[int, Any] = {}
         self._counts: dict[int, Counter[str]] = {}
+        # When each holder got its first count, on Redis's clock: an incarnation of it born
+        # later holds none of them (they were the one before's).
+        self._since: dict[str, float] = {}
+        # Holders dropped on evidence of death (a lease ran out, a new incarnation), per
+        # value: whatever they still send about it is ignored.
+        self._dropped: dict[int, set[str]] = {}
+        # Values freed so, with why and when: asking for one raises `RRefReleased`.
+        self._released: collections.OrderedDict[int, tuple[str, float]] = collections.OrderedDict()
         # Random start: RRefs to an earlier run of this owner (killed and restarted under
         # the same name) must not name, count or free the values of this one.
         self._first = self._next = secrets.randbits(40) << 16
@@ -55,35 +70,69 @@ class RRefTable:
         try:
             return self._values[rref_id]
         except KeyError:
-            why = (
-                "it was freed"
-                if self._first <= rref_id < self._next
-                else f"the RRef is older than this run of {self.owner} (it restarted?)"
+            pass
+        released = self._released.get(rref_id)
+        if released is not None:
+            why, when = released
+            raise RRefReleased(
+                f"value {rref_id} owned by {self.owner} was released: {why}; that was "
+                f"{time.monotonic() - when:.0f} s ago"
             )
-            raise LookupError(f"no value {rref_id} owned by {self.owner}: {why}") from None
+        why = (
+            "it was freed"
+            if self._first <= rref_id < self._next
+            else f"the RRef is older than this run of {self.owner} (it restarted?)"
+        )
+        raise LookupError(f"no value {rref_id} owned by {self.owner}: {why}")
 
     def add(self, rref_id: int, holder: str, delta: int) -> None:
         counts = self._counts.get(rref_id)
-        if counts is None:
-            logger.debug("event=rref_update_unknown owner=%s rref=%d", self.owner, rref_id)
+        if counts is None or holder in self._dropped.get(rref_id, ()):
+            logger.debug("event=rref_update_ignored owner=%s rref=%d", self.owner, rref_id)
             return
+        if holder not in self._since and holder != self.owner and delta > 0:
+            self._since[holder] = self._clock() or 0.0
         counts[holder] += delta
         if counts[holder] == 0:
             del counts[holder]
         if sum(counts.values()) <= 0:
-            del self._values[rref_id], self._counts[rref_id]
+            self._free(rref_id)
 
-    def drop_holder(self, holder: str) -> int:
-        """Forget every reference `holder` had; how many values that freed."""
+    def drop_holder(self, holder: str, released: str = "") -> int:
+        """Forget every reference `holder` had; how many values that freed. `released`
+        says why, when it is evidence of the holder's death rather than its goodbye:
+        its later count changes are then ignored, and a value freed so answers with
+        `RRefReleased` and that reason."""
         freed = 0
+        self._since.pop(holder, None)
         for rref_id in [i for i, c in self._counts.items() if holder in c]:
-            self.add(rref_id, holder, -self._counts[rref_id][holder])
-            freed += rref_id not in self._values
+            counts = self._counts[rref_id]
+            del counts[holder]
+            if released:
+                self._dropped.setdefault(rref_id, set()).add(holder)
+            if sum(counts.values()) <= 0:
+                self._free(rref_id)
+                freed += 1
+                if released:
+                    self._released[rref_id] = (released, time.monotonic())
+                    if len(self._released) > _RELEASED:
+                        self._released.popitem(last=False)
         return freed
 
     def holders(self) -> set[str]:
         """Other agents holding references to values owned here."""
-        return {h for c in self._counts.values() for h in c if h != self.owner}
+        held = {h for c in self._counts.values() for h in c if h != self.owner}
+        for gone in set(self._since) - held:
+            del self._since[gone]
+        return held
+
+    def holder_since(self, holder: str) -> float | None:
+        """When (Redis's clock, ms) `holder` got its first count still held, if it holds any."""
+        return self._since.get(holder)
+
+    def _free(self, rref_id: int) -> None:
+        del self._values[rref_id], self._counts[rref_id]
+        self._dropped.pop(rref_id, None)
 
     def __len__(self) -> int:
         return len(self._values)
@@ -170,7 +219,7 @@ class References:
         ]
         try:
             errors = await asyncio.gather(*stored, return_exceptions=True)
-            failed = next((e for e in errors if e is not None), None)
+            failed = next((e for e in errors if isinstance(e, BaseException)), None)
             if isinstance(failed, InboxMissing):
                 raise WorkerUnavailable(f"an RRef passed on is owned by a gone worker: {failed}")
             if failed is not None:

@@ -7,21 +7,23 @@ offload with `asyncio.to_thread`); async ones run as tasks the agent drains on s
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import inspect
 import logging
 import traceback
 from collections.abc import Callable
+from types import FunctionType
 from typing import Any
 
-from asyncgrad.errors import CodecError, NotExposedError, RpcError, TransportError
-from asyncgrad.messages import Call, Header, Kind, Reply
+from asyncgrad.errors import CodecError, NotExposedError, RpcError, RRefReleased, TransportError
+from asyncgrad.messages import Call, ContextRecord, Header, Kind, Reply
 from asyncgrad.rpc import exposed
 from asyncgrad.rpc.lifecycle import Lifecycle
 from asyncgrad.rpc.references import Passed, References
 from asyncgrad.rpc.seam import AutogradSeam
 from asyncgrad.rpc.wire import Wire
-from asyncgrad.transport import Inbound
+from asyncgrad.transport import Inbound, ReplyError
 
 __all__ = ["UNANSWERED", "Server"]
 
@@ -70,6 +72,26 @@ class Server:
             logger.debug("event=call_dropped agent=%s caller=%s", self._wire.name, header.sender)
             self._wire.done(message)
             return
+        transport = self._wire.transport
+        # For an earlier incarnation: sent while it was the one under this name (a caller
+        # that learns of this one later is not refused: the earlier one could not take it).
+        if (
+            header.to_run
+            and header.to_run != transport.incarnation
+            and message.stored_ms < transport.started_ms
+        ):
+            self._discard(header, message)
+            self._reply(header, self._refusal(header, message))
+            return
+        now_ms = transport.redis_now_ms()
+        if header.deadline and now_ms is not None and now_ms > header.deadline:
+            # Its caller gave up on it already (it took us too long to read it).
+            logger.info(
+                "event=late_call_dropped agent=%s caller=%s late_ms=%d",
+                self._wire.name, header.sender, now_ms - header.deadline,
+            )  # fmt: skip
+            self._discard(header, message)
+            return
         self._unanswered.add((header.sender, header.id))
         context = self._serving_context()
         try:
@@ -93,6 +115,30 @@ class Server:
         else:
             context.run(self._reply_result, header, call, result)
             self._wire.done(message)
+
+    def _refusal(self, header: Header, message: Inbound) -> Reply:
+        """What a call for an earlier incarnation of this agent gets."""
+        if message.redelivered:  # that incarnation took it, and may have run it
+            why = (
+                f"{self._wire.name!r} was started again: its earlier incarnation "
+                f"{header.to_run} took the call and stopped (it may have run)"
+            )
+            return Reply(error=("OutcomeUnknown", why, ""), refused=True)
+        why = (
+            f"{self._wire.name!r} was started again: the call was for its earlier "
+            f"incarnation {header.to_run}, and did not run"
+        )
+        return Reply(error=("WorkerUnavailable", why, ""), refused=True)
+
+    def _discard(self, header: Header, message: Inbound) -> None:
+        """A call that will not run: what it carried that counts still counts down (its
+        RRefs are released once collected; contexts it released are released)."""
+        with contextlib.suppress(CodecError):
+            self._wire.decode(message)
+        if header.context is not None and header.context.released:
+            released = ContextRecord(0, 0, header.context.released)
+            self._autograd.incoming(header.sender, released, [], False)
+        self._wire.done(message)
 
     async def _finish(self, header: Header, call: Call, result: Any, message: Inbound) -> None:
         try:
@@ -121,9 +167,16 @@ class Server:
                 f"{type(value).__name__} is not an exposed class: "
                 f"its method {call.method!r} cannot be called remotely"
             )
+        # A method the class defines, not whatever callable an instance attribute holds
+        # (`ParameterServer.model(x)` must not be reachable through an RRef).
+        defined = inspect.getattr_static(type(value), call.method, None)
+        if defined is None and not hasattr(value, call.method):
+            raise AttributeError(f"{type(value).__name__!r} object has no method {call.method!r}")
+        if not isinstance(defined, FunctionType | staticmethod | classmethod):
+            raise NotExposedError(
+                f"{type(value).__name__}.{call.method} is not a method of the exposed class"
+            )
         method = getattr(value, call.method)
-        if not callable(method):
-            raise TypeError(f"{type(value).__name__}.{call.method} is not callable")
         return method  # type: ignore[no-any-return]
 
     def _reply_result(self, header: Header, call: Call, value: Any) -> None:
@@ -136,24 +189,43 @@ class Server:
 
     def _reply_error(self, header: Header, call: Call, error: Exception) -> None:
         logger.debug("event=call_failed fn=%s caller=%s error=%r", call.fn, header.sender, error)
+        if isinstance(error, RRefReleased):  # the call did not run: its value is gone
+            self._reply(header, Reply(error=("RRefReleased", error.message, ""), refused=True))
+            return
         tb = "".join(traceback.format_exception(error))
         self._reply(header, Reply(error=(type(error).__name__, str(error), tb)))
 
-    def _reply(self, header: Header, reply: Reply) -> None:
+    def _reply(self, header: Header, reply: Reply, first: bool = True) -> None:
         payload = self._wire.encode(reply.to_wire())
         record = self._autograd.outgoing(header.sender, payload.tensors)
         _, frames = self._wire.frames(Kind.REPLY, payload, header.id, record)
         passed = self._references.take_passed(payload.rrefs, header.sender)
         if all(owner == self._wire.name for owner, _, _ in passed):
-            self._post((header.sender, header.id), frames)
+            self._post(header, frames, first)
             return
         # The result passes on RRefs owned elsewhere: their owners must count the caller
         # before the caller can release them.
         self._lifecycle.spawn(self._send_after_forks(header, passed, frames))
 
-    def _post(self, key: tuple[str, int], frames: list[Any]) -> None:
+    def _post(self, header: Header, frames: list[Any], first: bool = True) -> None:
+        """Post a reply. If Redis refuses it (OOM, NOPERM, too large), the caller gets an
+        error reply with Redis's reason instead: nothing is lost in silence. Each of the
+        two may take half the failure window (`resend_for`)."""
+        key = (header.sender, header.id)
+
+        def over(error: BaseException | None) -> None:
+            if first and isinstance(error, ReplyError):  # Redis answered: it will not store it
+                logger.warning(
+                    "event=reply_refused agent=%s caller=%s error=%s",
+                    self._wire.name, header.sender, error,
+                )  # fmt: skip
+                why = f"Redis refused the reply of {self._wire.name!r}: {error}"
+                self._reply(header, Reply(error=("ReplyError", why, "")), first=False)
+            else:
+                self._unanswered.discard(key)
+
         try:
-            self._wire.post_frames(key[0], frames, lambda: self._unanswered.discard(key))
+            self._wire.post_frames(key[0], frames, over, resend_for=self._wire.resend_for / 2)
         except TransportError:
             self._unanswered.discard(key)
             raise
@@ -165,4 +237,4 @@ class Server:
             # The result cannot leave; the caller hears why instead of waiting in vain.
             self._reply(header, Reply(error=(type(e).__name__, str(e), "")))
             return
-        self._post((header.sender, header.id), frames)
+        self._post(header, frames)

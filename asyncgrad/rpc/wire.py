@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from asyncgrad.codec import Codec, Extension
-from asyncgrad.errors import CodecError, MessageError
+from asyncgrad.errors import CodecError, MessageError, RpcError
 from asyncgrad.messages import (
     AUTOGRAD_RECORDS,
     AutogradRecord,
@@ -33,7 +33,7 @@ from asyncgrad.messages import (
 from asyncgrad.nn import Parameter
 from asyncgrad.rpc.lifecycle import Lifecycle
 from asyncgrad.tensor import Tensor, from_numpy
-from asyncgrad.transport import Inbound, InboxMissing, Transport
+from asyncgrad.transport import Inbound, InboxMissing, ReplyError, Stored, Transport
 
 __all__ = ["MessageCodec", "Payload", "Wire"]
 
@@ -148,11 +148,12 @@ class MessageCodec:
 
 @dataclass(slots=True)
 class _Posting:
-    """A message posted again while its receiver has no inbox (`Wire.post_frames`)."""
+    """A message posted again while its receiver has no inbox or Redis is out of memory
+    (`Wire.post_frames`)."""
 
     dest: str
     frames: list[Any]
-    over: Callable[[], None] | None
+    over: Callable[[BaseException | None], None] | None
     deadline: float
     delay: float = 0.05
 
@@ -179,7 +180,7 @@ class Wire:
         self.name = transport.name
         self._codec = codec
         self._lifecycle = lifecycle
-        self._resend_for = resend_for
+        self.resend_for = resend_for
         self._ids = itertools.count(secrets.randbits(40) << 20)
         self._recent: collections.OrderedDict[tuple[str, int], None] = collections.OrderedDict()
         self._handlers: dict[Kind, Handler] = {}
@@ -208,17 +209,25 @@ class Wire:
         payload: Payload,
         reply_to: int = 0,
         context: ContextRecord | None = None,
+        *,
+        to_run: str = "",
+        deadline: int = 0,
     ) -> tuple[int, list[Any]]:
         """A new message id, and the frames of the message with that header."""
         message_id = next(self._ids)
-        header = Header(kind, message_id, self.name, reply_to, context)
+        header = Header(kind, message_id, self.name, reply_to, context, to_run, deadline)
         return message_id, [self._codec.encode_header(header), *payload.frames]
 
-    def send_frames(self, dest: str, frames: list[Any]) -> asyncio.Future[None]:
-        """Queue a message; the future resolves once Redis stored it."""
-        return self.transport.send(dest, frames)
+    def send_call(self, dest: str, frames: list[Any]) -> Stored:
+        """Queue a call; the future resolves to its entry's id once Redis stored it. Its
+        entry holds only calls, so that `withdraw` takes nothing else."""
+        return self.transport.send(dest, frames, withdrawable=True)
 
-    def send(self, dest: str, record: OneWay) -> asyncio.Future[None]:
+    async def withdraw(self, dest: str, entry_id: bytes) -> bool:
+        """Withdraw the calls of an entry unless `dest` took them: whether it did not."""
+        return await self.transport.withdraw(dest, entry_id)
+
+    def send(self, dest: str, record: OneWay) -> Stored:
         """Send a one-way record; the future resolves once Redis stored it."""
         return self.transport.send(dest, self._one_way(record))
 
@@ -237,26 +246,36 @@ class Wire:
         return self.frames(record.kind, payload)[1]
 
     def post_frames(
-        self, dest: str, frames: list[Any], over: Callable[[], None] | None = None
+        self,
+        dest: str,
+        frames: list[Any],
+        over: Callable[[BaseException | None], None] | None = None,
+        resend_for: float | None = None,
     ) -> None:
-        """Post; while `dest` has no inbox, post again for up to `resend_for` seconds: after
-        a Redis restart lost every inbox, a live agent's comes back within a reconnect.
-        (The receiver drops a duplicate by its message id.) `over()` runs once the message
-        is stored or given up."""
-        self._repost(_Posting(dest, frames, over, time.monotonic() + self._resend_for))
+        """Post; while `dest` has no inbox, or Redis refuses writes for want of memory,
+        post again for up to `resend_for` seconds (default: the wire's): after a Redis
+        restart lost every inbox,
+        a live agent's comes back within a reconnect, and memory comes back as entries are
+        acked. (The receiver drops a duplicate by its message id.) `over(error)` runs once
+        the message is stored (None) or given up (why)."""
+        limit = self.resend_for if resend_for is None else resend_for
+        self._repost(_Posting(dest, frames, over, time.monotonic() + limit))
 
     def _repost(self, posting: _Posting) -> None:
         stored = self.transport.send(posting.dest, posting.frames)
         stored.add_done_callback(functools.partial(self._posted, posting))
 
-    def _posted(self, posting: _Posting, stored: asyncio.Future[None]) -> None:
+    def _posted(self, posting: _Posting, stored: Stored) -> None:
         error = None if stored.cancelled() else stored.exception()
-        if isinstance(error, InboxMissing) and time.monotonic() + posting.delay < posting.deadline:
+        transient = isinstance(error, InboxMissing) or (
+            isinstance(error, ReplyError) and error.code == "OOM"
+        )
+        if transient and time.monotonic() + posting.delay < posting.deadline:
             asyncio.get_running_loop().call_later(posting.delay, self._repost_later, posting)
             posting.delay = min(posting.delay * 2, 1.0)  # retry timer
             return
         if posting.over is not None:
-            posting.over()
+            posting.over(error)
         if error is not None:
             # A receiver that left needs nobody's answer or notice: expected, not a warning.
             level = logging.DEBUG if isinstance(error, InboxMissing) else logging.WARNING
@@ -268,7 +287,7 @@ class Wire:
         if self._lifecycle.running:
             self._repost(posting)
         elif posting.over is not None:
-            posting.over()
+            posting.over(RpcError(f"agent {self.name!r} shut down"))
 
     # *** in ***
 
@@ -299,11 +318,17 @@ class Wire:
             self._recent[key] = None
             if len(self._recent) > _RECENT:
                 self._recent.popitem(last=False)
-            handler = self._handlers.get(header.kind)
-            if handler is not None:
-                handler(header, message)
-            else:
-                self._receive_autograd(header, message)
+            try:
+                handler = self._handlers.get(header.kind)
+                if handler is not None:
+                    handler(header, message)
+                else:
+                    self._receive_autograd(header, message)
+            except Exception as e:
+                # The one place a failure to handle a message ends: that message is
+                # dead-lettered alone, and the rest of the batch goes on.
+                logger.exception("event=handle_failed agent=%s kind=%s", self.name, header.kind)
+                self.dead_letter(message, f"failed to handle {header.kind.name}: {e!r}")
 
     def _receive_autograd(self, header: Header, message: Inbound) -> None:
         try:

@@ -30,6 +30,7 @@ from asyncgrad.transport.keys import (
     GROUP,
     LEAVE,
     REGISTER,
+    WITHDRAW,
     check_name,
     dead_letters,
     heartbeat,
@@ -38,7 +39,7 @@ from asyncgrad.transport.keys import (
 )
 from asyncgrad.transport.reader import Inbound, Reader
 from asyncgrad.transport.resp import DEFAULT_URL, Arg, ConnectionLost, RedisAddress, ReplyError
-from asyncgrad.transport.writer import InboxMissing, Writer
+from asyncgrad.transport.writer import InboxMissing, Stored, Writer
 
 __all__ = [
     "DEFAULT_URL",
@@ -47,6 +48,7 @@ __all__ = [
     "InboxMissing",
     "RedisAddress",
     "ReplyError",
+    "Stored",
     "Transport",
     "TransportSettings",
     "check_name",
@@ -168,8 +170,11 @@ class Transport:
 
     # *** messages ***
 
-    def send(self, dest: str, frames: list[bytes | memoryview]) -> asyncio.Future[None]:
-        """Queue a message for `dest`'s inbox; the future resolves once Redis stored it.
+    def send(
+        self, dest: str, frames: list[bytes | memoryview], withdrawable: bool = False
+    ) -> Stored:
+        """Queue a message for `dest`'s inbox; the future resolves to its stream entry's id
+        once Redis stored it (see `withdraw` for `withdrawable`).
 
         It fails with `InboxMissing` if `dest` has no inbox (never started, or left). While
         the writer reconnects, the message waits and leaves once it is back (the layer above
@@ -177,7 +182,13 @@ class Transport:
         """
         if self._closing:
             raise TransportError(f"the transport of agent {self.name!r} is closed")
-        return self._writer.send(dest, frames)
+        return self._writer.send(dest, frames, withdrawable)
+
+    async def withdraw(self, dest: str, entry_id: bytes) -> bool:
+        """Delete the stream entry of withdrawable messages sent to `dest`, unless `dest`
+        has read it already: whether they were withdrawn (they will never be read)."""
+        stream = inbox(self.namespace, dest)
+        return bool(await self.execute("EVAL", WITHDRAW, 1, stream, GROUP, entry_id))
 
     def post(self, dest: str, frames: list[bytes | memoryview]) -> None:
         """`send`, for a message nobody waits for: a failure to store it is only logged."""
@@ -204,6 +215,30 @@ class Transport:
         """One command on the writer connection (for liveness checks and the like)."""
         return await (await self._writer.ready()).execute(*args)
 
+    @property
+    def incarnation(self) -> str:
+        """This run of the agent: a new one whenever an agent starts under the name."""
+        return self._heartbeat.incarnation
+
+    @property
+    def started_ms(self) -> int:
+        """Redis's clock when this incarnation started (0 before it did)."""
+        return self._heartbeat.started_ms
+
+    def redis_now_ms(self) -> float | None:
+        """Redis's clock now, in ms (every agent estimates it alike), from the heartbeats."""
+        return self._heartbeat.redis_now_ms()
+
+    def reachable_for(self) -> float:
+        """Seconds this agent has reached Redis without a gap (0 while it cannot)."""
+        return self._heartbeat.reachable_for()
+
+    async def heartbeats(self, names: Sequence[str]) -> list[dict[str, str] | None]:
+        """Each agent's heartbeat fields (`run`, `t`, ...), or None where there is none."""
+        writer = await self._writer.ready()
+        replies = [writer.execute("GET", heartbeat(self.namespace, n)) for n in names]
+        return [None if r is None else heartbeat_fields(r) for r in await asyncio.gather(*replies)]
+
     async def alive(self, names: Sequence[str]) -> list[bool]:
         """Whether each agent's heartbeat is current."""
         writer = await self._writer.ready()
@@ -217,7 +252,7 @@ class Transport:
         return {k[2:].decode(): int(v) for k, v in pairs if k.startswith(b"n:")}
 
 
-def _log_unstored(stored: asyncio.Future[None]) -> None:
+def _log_unstored(stored: Stored) -> None:
     if stored.cancelled() or (error := stored.exception()) is None:
         return
     # A receiver that left needs nobody's answer or notice: expected, so not a warning.

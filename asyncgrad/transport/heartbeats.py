@@ -4,8 +4,15 @@
 agent holds the name; a holder that was a process of this host and is gone (a worker
 killed and restarted at once) is taken over instead of waited out. A thread then
 refreshes the key, so a busy event loop never looks dead. Its value,
-`run=TOKEN id=.. pid=.. host=.. pidns=.. ttl_ms=.. contexts=N`, starts with a token of
-this run, so that a run refreshes (and, leaving, deletes) only its own heartbeat.
+`run=TOKEN id=.. pid=.. host=.. pidns=.. ttl_ms=.. contexts=N born=MS t=MS`, starts
+with a token of this run (its incarnation), so that a run refreshes (and, leaving,
+deletes) only its own heartbeat; `born` is Redis's clock when this run began (0 until its
+first beat), `t` at the beat.
+
+Each beat also tells this agent about itself: Redis's clock (`redis_now_ms`, for
+deadlines every agent reads alike) and how long it has reached Redis without a gap
+(`reachable_for`): an agent that could not reach Redis (Redis stalled, failed over, or
+this process was frozen) cannot tell whether another agent's beats stopped, and says so.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import os
 import secrets
 import socket
 import threading
+import time
 from collections.abc import Callable
 
 from asyncgrad.errors import AgentNameTaken, TransportError
@@ -52,8 +60,15 @@ class Heartbeat:
         self._agent_id = agent_id
         self._open_contexts = open_contexts
         self.key = heartbeat(endpoint.namespace, endpoint.name)
-        self.token = f"run={secrets.token_hex(8)} "  # starts the value: whose it is
+        self.incarnation = secrets.token_hex(8)
+        self.token = f"run={self.incarnation} "  # starts the value: whose it is
         self._ttl_ms = int(endpoint.settings.heartbeat_ttl * 1000)
+        # A beat later than this after the one before is a gap: Redis was out of reach.
+        self._max_gap = endpoint.settings.heartbeat_ttl * 2 / 3
+        # (Redis ms at the latest beat, monotonic then, monotonic when the beats without
+        # a gap began); written by the beating thread, read by the event loop's.
+        self._clock: tuple[float, float, float] | None = None
+        self.started_ms = 0  # Redis's clock at the first beat: this incarnation began then
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._done: asyncio.Future[None] | None = None
@@ -63,7 +78,8 @@ class Heartbeat:
         agent_id, contexts = self._agent_id(), self._open_contexts()
         return (
             f"{self.token}id={agent_id} pid={os.getpid()} host={socket.gethostname()} "
-            f"pidns={_pid_namespace()} ttl_ms={self._ttl_ms} contexts={contexts}"
+            f"pidns={_pid_namespace()} ttl_ms={self._ttl_ms} contexts={contexts} "
+            f"born={self.started_ms}"
         )
 
     async def claim(self, conn: RedisLink) -> None:
@@ -95,9 +111,27 @@ class Heartbeat:
             f"{_CLAIM_ATTEMPTS} times while this agent claimed it"
         )
 
+    def redis_now_ms(self) -> float | None:
+        """Redis's clock now, in ms, as of the latest beat (None before the first)."""
+        clock = self._clock
+        if clock is None:
+            return None
+        return clock[0] + (time.monotonic() - clock[1]) * 1000
+
+    def reachable_for(self) -> float:
+        """Seconds this agent has reached Redis without a gap (0 in a gap)."""
+        clock, now = self._clock, time.monotonic()
+        if clock is None or now - clock[1] > self._max_gap:
+            return 0.0
+        return now - clock[2]
+
     def start(self) -> None:
-        """Refresh the key from a thread of its own, on a connection of its own."""
+        """Beat once, then refresh the key from a thread of its own, on a connection of
+        its own."""
         conn = self._endpoint.open_sync("heartbeat")
+        # At start this agent has no gap to account for: it can tell at once.
+        self._beat(conn, since=time.monotonic() - self._endpoint.settings.heartbeat_ttl)
+        self.started_ms = int(self.redis_now_ms() or 0)
         self._done = asyncio.get_running_loop().create_future()
         self._thread = threading.Thread(
             target=self._beat_forever,
@@ -120,10 +154,18 @@ class Heartbeat:
         else:
             logger.warning("event=heartbeat_stop_timeout agent=%s", self._endpoint.name)
 
-    def _beat(self, conn: SyncRedisLink) -> bool:
+    def _beat(self, conn: SyncRedisLink, since: float | None = None) -> bool:
         """Refresh the key; False if another run holds the name now."""
         args = (self.key, self.token, self.value(), self._ttl_ms)
-        return bool(conn.execute("EVAL", SET_HEARTBEAT, 1, *args))
+        ms = conn.execute("EVAL", SET_HEARTBEAT, 1, *args)
+        if not ms:
+            return False
+        now, clock = time.monotonic(), self._clock
+        if since is None:
+            gap = clock is None or now - clock[1] > self._max_gap
+            since = now if gap or clock is None else clock[2]
+        self._clock = (float(ms), now, since)
+        return True
 
     def _beat_forever(self, conn: SyncRedisLink | None, done: asyncio.Future[None]) -> None:
         loop, name = done.get_loop(), self._endpoint.name

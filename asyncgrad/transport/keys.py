@@ -13,6 +13,7 @@ __all__ = [
     "LEAVE",
     "REGISTER",
     "SET_HEARTBEAT",
+    "WITHDRAW",
     "check_name",
     "dead_letters",
     "heartbeat",
@@ -67,10 +68,35 @@ return redis.error_reply('ERR no free agent id in this namespace')
 """
 # Sets the heartbeat KEYS[1] if nobody holds it or its value starts with ARGV[1]: the
 # run's own token (a refresh), or the whole value of a holder found gone (a takeover).
+# The value ends with ` t=MS`, Redis's clock in ms, which it returns (0: not set).
 SET_HEARTBEAT = """
 local held = redis.call('GET', KEYS[1])
 if held and string.sub(held, 1, #ARGV[1]) ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+redis.call('SET', KEYS[1], ARGV[2] .. ' t=' .. ms, 'PX', ARGV[3])
+return ms
+"""
+# Withdraws a message entry ARGV[2] from inbox KEYS[1] if the group ARGV[1] has not read
+# it yet: 1 (withdrawn, or gone: it will never be read), 0 (its receiver took it).
+WITHDRAW = """
+local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', KEYS[1])
+if not ok then return 1 end
+local last
+for _, group in ipairs(groups) do
+  local fields = {}
+  for i = 1, #group, 2 do fields[group[i]] = group[i + 1] end
+  if fields['name'] == ARGV[1] then last = fields['last-delivered-id'] end
+end
+if not last then return 1 end
+local function parse(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(seq)
+end
+local lms, lseq = parse(last)
+local ems, eseq = parse(ARGV[2])
+if ems < lms or (ems == lms and eseq <= lseq) then return 0 end
+redis.call('XDEL', KEYS[1], ARGV[2])
 return 1
 """
 # Leaving: unless another run (token ARGV[1]) holds the name now, its heartbeat KEYS[1]

@@ -27,7 +27,9 @@ __all__ = ["Inbound", "Reader"]
 logger = logging.getLogger(__name__)
 
 _MAX_DELIVERIES = 3
-_LAST_ID = b"18446744073709551615-18446744073709551615"  # the greatest stream id
+# Past every pending entry: a read of history from here returns none. (Not the greatest
+# id, 2**64-1 - 2**64-1: Redis takes that one for `>`, and would deliver a new entry.)
+_LAST_ID = b"18446744073709551615-18446744073709551614"
 
 
 class _Entry:
@@ -38,12 +40,19 @@ class _Entry:
 
 
 class Inbound:
-    """One received message: its frames, and the stream entry it came in."""
+    """One received message: its frames, and the stream entry it came in. `redelivered`:
+    the entry was delivered to this name before (to this run before a reconnect, or to an
+    earlier run of the agent) and never acked."""
 
-    __slots__ = ("entry", "frames")
+    __slots__ = ("entry", "frames", "redelivered")
 
-    def __init__(self, frames: list[bytes], entry: _Entry) -> None:
-        self.frames, self.entry = frames, entry
+    def __init__(self, frames: list[bytes], entry: _Entry, redelivered: bool = False) -> None:
+        self.frames, self.entry, self.redelivered = frames, entry, redelivered
+
+    @property
+    def stored_ms(self) -> int:
+        """When Redis stored the message, on its clock (its stream entry's id says)."""
+        return int(self.entry.id.partition(b"-")[0])
 
 
 class Reader:
@@ -139,7 +148,8 @@ class Reader:
             self._recover(reply)
             return
         entries = reply[0][1] if reply else []
-        if self._last_id != b">":
+        redelivered = self._last_id != b">"
+        if redelivered:
             self._last_id = entries[-1][0] if entries else b">"
         if not entries:
             self.read()
@@ -149,7 +159,7 @@ class Reader:
         if conn is not None:
             conn.held = True
         try:
-            self._receive(entries)
+            self._receive(entries, redelivered)
         except Exception:
             # The one place a failure to handle a batch ends: report it, keep serving.
             logger.exception("event=receive_failed agent=%s", self._endpoint.name)
@@ -167,7 +177,7 @@ class Reader:
                 conn.held = False
         self.read()
 
-    def _receive(self, entries: list[list[Any]]) -> None:
+    def _receive(self, entries: list[list[Any]], redelivered: bool = False) -> None:
         batch: list[Inbound] = []
         for entry_id, fields in entries:
             if entry_id in self._in_flight:
@@ -181,7 +191,7 @@ class Reader:
                 continue
             entry = _Entry(entry_id, len(messages))
             self._in_flight.add(entry_id)
-            batch += [Inbound(frames, entry) for frames in messages]
+            batch += [Inbound(frames, entry, redelivered) for frames in messages]
         if batch:
             self._deliver(batch)
 

@@ -21,7 +21,7 @@ from asyncgrad.transport.connections import Endpoint
 from asyncgrad.transport.keys import GROUP, dead_letters, inbox
 from asyncgrad.transport.resp import Arg, ConnectionLost
 
-__all__ = ["InboxMissing", "Writer"]
+__all__ = ["DEAD_LETTER_BYTES", "DEAD_LETTER_MAXLEN", "InboxMissing", "Stored", "Writer"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,10 +32,15 @@ logger = logging.getLogger(__name__)
 # alternated runs: 8.4-9.5k calls/s at 256, 17.8-22.7k at 32; 70 us of CPU per call and
 # 1.03 -> 1.72 cores busy in a metered pair of runs).
 _MAX_PER_ENTRY = 32
-_DEAD_LETTER_MAXLEN = 1000
-_DEAD_LETTER_FIELD_BYTES = 64 * 1024
-_DEAD_LETTER_NAME_BYTES = 256
-_DEAD_LETTER_FIELDS = 64
+# Dead letters are bounded in count and in bytes: at most ~1000 letters of at most 8 KiB
+# of the message each (what an operator needs to see what arrived), so ~8 MiB per agent
+# whatever a namespace member writes into its inbox (SECURITY.md).
+DEAD_LETTER_MAXLEN = 1000
+DEAD_LETTER_BYTES = 8 * 1024
+_DEAD_LETTER_NAME_BYTES = 64
+
+
+Stored = asyncio.Future[bytes]  # resolves to a message's stream entry id once stored
 
 
 class InboxMissing(TransportError):
@@ -56,7 +61,8 @@ class Writer:
         self.via: RedisLink | None = None
         self.closed = False  # gave up on the writer: no more resends
         self.reconnected_at = -math.inf  # time.monotonic() of the latest reconnection
-        self._outbox: dict[str, list[tuple[list[bytes | memoryview], asyncio.Future[None]]]] = {}
+        # Per (destination, withdrawable): the messages queued this tick, and their futures.
+        self._outbox: dict[tuple[str, bool], list[tuple[list[bytes | memoryview], Stored]]] = {}
         self._acks: list[bytes] = []
         self._backlog: list[tuple[tuple[Arg, ...], Callable[[Any], None] | None]] = []
         self._flush_handle: asyncio.Handle | None = None
@@ -84,10 +90,14 @@ class Writer:
 
     # *** what goes out ***
 
-    def send(self, dest: str, frames: list[bytes | memoryview]) -> asyncio.Future[None]:
-        """Queue a message for `dest`'s inbox; the future resolves once Redis stored it."""
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._outbox.setdefault(dest, []).append((frames, future))
+    def send(
+        self, dest: str, frames: list[bytes | memoryview], withdrawable: bool = False
+    ) -> Stored:
+        """Queue a message for `dest`'s inbox; the future resolves to the id of its stream
+        entry once Redis stored it. A `withdrawable` message shares its entry only with
+        other withdrawable ones: withdrawing the entry takes nothing else with it."""
+        future: Stored = asyncio.get_running_loop().create_future()
+        self._outbox.setdefault((dest, withdrawable), []).append((frames, future))
         self._schedule_flush()
         return future
 
@@ -102,17 +112,23 @@ class Writer:
     def dead_letter_command(
         self, entry_id: bytes, fields: list[bytes], reason: str
     ) -> tuple[Arg, ...]:
-        """Fields keep their order as `orig-NAME VALUE`, each cut short, and at most 64."""
+        """Fields keep their order as `orig-NAME VALUE`, cut short so that all of them
+        take at most `DEAD_LETTER_BYTES`; `fields` says how many there were."""
         logger.warning(
             "event=dead_letter agent=%s entry=%s reason=%s", self._endpoint.name, entry_id, reason
         )
         pairs = len(fields) // 2
         kept: list[Arg] = []
-        for i in range(0, 2 * min(pairs, _DEAD_LETTER_FIELDS), 2):
-            name, value = fields[i][:_DEAD_LETTER_NAME_BYTES], fields[i + 1]
-            kept += [b"orig-" + bytes(name), bytes(value[:_DEAD_LETTER_FIELD_BYTES])]
+        budget = DEAD_LETTER_BYTES
+        for i in range(0, 2 * pairs, 2):
+            name = b"orig-" + bytes(fields[i][:_DEAD_LETTER_NAME_BYTES])
+            value = bytes(fields[i + 1][: max(budget - len(name), 0)])
+            budget -= len(name) + len(value)
+            if budget < 0:
+                break
+            kept += [name, value]
         key = dead_letters(self._endpoint.namespace, self._endpoint.name)
-        args = ("XADD", key, "MAXLEN", "~", _DEAD_LETTER_MAXLEN, "*", "reason", reason[:1024])
+        args = ("XADD", key, "MAXLEN", "~", DEAD_LETTER_MAXLEN, "*", "reason", reason[:512])
         return (*args, "entry", entry_id, "fields", pairs, *kept)
 
     def _schedule_flush(self) -> None:
@@ -125,7 +141,7 @@ class Writer:
             self._flush_handle.cancel()
             self._flush_handle = None
         outbox, self._outbox = self._outbox, {}
-        for dest, queued in outbox.items():
+        for (dest, _), queued in outbox.items():
             for start in range(0, len(queued), _MAX_PER_ENTRY):
                 batch = queued[start : start + _MAX_PER_ENTRY]
                 stream = inbox(self._endpoint.namespace, dest)
@@ -142,7 +158,7 @@ class Writer:
         if self.conn is not None and self.via is None:
             self.conn.flush()
 
-    def _stored(self, dest: str, futures: list[asyncio.Future[None]]) -> Callable[[Any], None]:
+    def _stored(self, dest: str, futures: list[Stored]) -> Callable[[Any], None]:
         namespace = self._endpoint.namespace
 
         def on_reply(reply: Any) -> None:
@@ -154,7 +170,7 @@ class Writer:
             for future in futures:
                 if not future.done():
                     if error is None:
-                        future.set_result(None)
+                        future.set_result(reply)
                     else:
                         future.set_exception(error)
 

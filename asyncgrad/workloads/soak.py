@@ -31,6 +31,7 @@ from asyncgrad.workloads.demo import BATCH, Task
 from asyncgrad.workloads.param_server import ParameterServer
 
 RETRYABLE = (RpcError, TransportError, ContextError)
+APPLY_ATTEMPTS = 120  # retries of one step's update, about two minutes
 GAP = 0.25  # seconds without a finished step that count as an interruption
 _KINDS = 50  # distinct error messages kept
 
@@ -117,6 +118,7 @@ class Trainer:
         self.step = 0  # steps done, over all runs
         self._generation = 0  # bind() calls so far
         self._bound = asyncio.Event()
+        self._succeeded: collections.Counter[str] = collections.Counter()  # per optimizer
 
     async def bind(self, ps: rpc.RRef[ParameterServer]) -> None:
         """Train the parameters of `ps` from now on; a retry waiting to start, starts now."""
@@ -155,7 +157,7 @@ class Trainer:
         for attempt in range(1, attempts + 1):
             generation, began = self._generation, time.monotonic()
             try:
-                loss = await self._step(timeout)
+                loss = await self._step(log, timeout)
             except RETRYABLE as e:
                 log.failed(e)
                 if attempt == attempts:
@@ -168,23 +170,59 @@ class Trainer:
             self.step += 1
             return
 
-    async def _step(self, timeout: float) -> float:
+    async def applied(self) -> dict[str, int]:
+        """Steps that succeeded here, and steps the server applied, with the optimizer of
+        the current binding: equal unless a step was applied twice (or lost)."""
+        if self.opt is None:
+            raise ContextError("the trainer is not bound to a parameter server: call bind()")
+        local = self.opt.remote_optimizers["ps"]
+        applied: int = await local.rpc_async().applied_steps()
+        return {"succeeded": self._succeeded[self.opt.id], "applied": applied}
+
+    async def _step(self, log: RunLog, timeout: float) -> float:
         if self.ps is None or self.opt is None:
             raise ContextError("the trainer is not bound to a parameter server: call bind()")
         ps, opt = self.ps, self.opt  # a bind() meanwhile counts from the next attempt
+        generation = self._generation
         batch = slice((self.step % self.batches) * BATCH, (self.step % self.batches + 1) * BATCH)
-        deadline = asyncio.timeout(timeout)
-        try:
-            async with deadline, dist_autograd.context() as ctx:
-                logits = await ps.rpc_async(timeout=timeout).forward(tensor(self.x[batch]))
-                loss = F.cross_entropy(logits, self.y[batch])
-                await dist_autograd.backward(ctx, [loss], timeout=timeout)
-                await opt.step(ctx)
-        except TimeoutError:
-            if deadline.expired():
-                raise RPCTimeout(f"step {self.step} took over {timeout} s") from None
-            raise
+        async with dist_autograd.context() as ctx:
+            deadline = asyncio.timeout(timeout)
+            try:
+                async with deadline:
+                    logits = await ps.rpc_async(timeout=timeout).forward(tensor(self.x[batch]))
+                    loss = F.cross_entropy(logits, self.y[batch])
+                    await dist_autograd.backward(ctx, [loss], timeout=timeout)
+            except TimeoutError:
+                if deadline.expired():
+                    raise RPCTimeout(f"step {self.step} took over {timeout} s") from None
+                raise
+            await self._apply(log, opt, ctx, timeout, generation)
+        self._succeeded[opt.id] += 1
         return float(loss.item())
+
+    async def _apply(
+        self,
+        log: RunLog,
+        opt: optim.DistributedOptimizer,
+        ctx: int,
+        timeout: float,
+        generation: int,
+    ) -> None:
+        """`opt.step(ctx)` until it answers: a step that may have run is completed in its
+        own context (the server applies each context once), never redone in a new one.
+        Only a new server (a `bind()` meanwhile) voids it."""
+        delay = 0.05
+        for attempt in range(1, APPLY_ATTEMPTS + 1):
+            try:
+                async with asyncio.timeout(timeout):
+                    await opt.step(ctx)
+                return
+            except (*RETRYABLE, TimeoutError) as e:
+                if self._generation != generation or attempt == APPLY_ATTEMPTS:
+                    raise
+                log.failed(e)
+                await asyncio.sleep(delay)  # the retry timer
+                delay = min(delay * 2, 1.0)
 
     async def _backoff(self, delay: float, generation: int) -> None:
         """The retry timer: `delay` s, or less if `bind()` replaced the server meanwhile."""
