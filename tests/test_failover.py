@@ -20,9 +20,12 @@ import pytest
 import redis
 
 from asyncgrad.bench.soak import Fault, soak_job
+from asyncgrad.transport.cluster import connect
+from asyncgrad.transport.resp import RedisAddress
+from asyncgrad.transport.slots import key_slot
 from tests.cluster_servers import ClusterServers, ClusterUnsupported, find_binaries
 
-STEPS = int(os.environ.get("ASYNCGRAD_FAILOVER_STEPS", "600"))
+STEPS = int(os.environ.get("ASYNCGRAD_FAILOVER_STEPS", "1500"))
 FAULTS = (Fault(0.3, "failover"), Fault(0.65, "kill-master"))
 # Errors a step may see while a master is replaced, each retried.
 CLEAR = ("WorkerUnavailable", "TransportError", "RPCTimeout", "ContextError", "OutcomeUnknown")
@@ -46,6 +49,14 @@ def _promoted(cluster: ClusterServers, port: int, timeout: float = 20.0) -> None
         time.sleep(0.05)  # the cluster announces no event: poll its roles
 
 
+def _master_of(cluster: ClusterServers, slot: int) -> int:
+    with redis.Redis(port=cluster.master_ports()[0], socket_timeout=1) as client:
+        for start, end, master, *_ in client.execute_command("CLUSTER", "SLOTS"):
+            if start <= slot <= end:
+                return int(master[1])
+    raise AssertionError(f"no master serves slot {slot}")
+
+
 def _replica_of(cluster: ClusterServers, master: int) -> int:
     for port in cluster.replica_ports():
         with redis.Redis(port=port, socket_timeout=1) as client:
@@ -54,13 +65,34 @@ def _replica_of(cluster: ClusterServers, master: int) -> int:
     raise AssertionError(f"master {master} has no replica")
 
 
+@pytest.mark.timeout(30)
+async def test_a_replica_as_first_seed_is_passed_over(cluster: ClusterServers) -> None:
+    # After a failover the URL's first seed is often a replica: a connection must still
+    # open, and stay open, from what it says about the masters.
+    replica = cluster.replica_ports()[0]
+    others = [p for p in cluster.ports if p != replica]
+    address = RedisAddress.from_url(
+        "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in [replica, *others])
+    )
+    conn = await connect(address, name="asyncgrad:test:replica-seed")
+    try:
+        for i in range(50):  # keys on every master
+            await conn.execute("SET", f"seed-test-{i}", i)
+        assert await conn.execute("GET", "seed-test-7") == b"7"
+        assert conn.is_open
+    finally:
+        conn.close()
+    await asyncio.wait_for(conn.closed.wait(), 5)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_training_goes_on_through_a_failover_and_a_killed_master(
     cluster: ClusterServers,
 ) -> None:
     async def inject(fault: Fault) -> dict[str, Any]:
-        master = cluster.master_ports()[0]
+        # The parameter server's master: its inbox, heartbeat and every step live there.
+        master = _master_of(cluster, key_slot("ps"))
         replica = _replica_of(cluster, master)
         if fault.kind == "failover":
             with redis.Redis(port=replica, socket_timeout=5) as client:

@@ -100,7 +100,11 @@ class Calls:
 
     async def _make_within(self, to: str, call: Call, what: str, expires: float) -> Any:
         if not self._liveness.seen_alive(to):
-            await _until(expires, self._liveness.ensure_alive(to))
+            try:
+                await _until(expires, self._liveness.ensure_alive(to))
+            except TransportError as e:
+                e.may_have_run = False  # Redis out of reach before the call left
+                raise
         payload = self._wire.encode(call.to_wire())
         record = self._autograd.outgoing(to, payload.tensors)
         to_run = self._liveness.incarnation(to)
@@ -130,6 +134,8 @@ class Calls:
         except BaseException as e:
             # A recorded send that never reached its callee must not leave a pass waiting
             # for its gradient: failed, cancelled or timed out before it left, or refused.
+            if not sent and isinstance(e, TransportError):
+                e.may_have_run = False
             never_arrived = not sent or isinstance(e, WorkerUnavailable)
             never_arrived |= isinstance(e, RemoteError) and e.remote_type == "CodecError"
             if record is not None and never_arrived:

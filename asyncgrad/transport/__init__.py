@@ -61,6 +61,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+# A connection lost under a read-only query: it is asked again, at most this often in all.
+_READ_ATTEMPTS = 3
+
 
 class Transport:
     """One agent's inbox, heartbeat and outgoing streams. `deliver` gets each batch read.
@@ -235,21 +238,32 @@ class Transport:
 
     async def heartbeats(self, names: Sequence[str]) -> list[dict[str, str] | None]:
         """Each agent's heartbeat fields (`run`, `t`, ...), or None where there is none."""
-        writer = await self._writer.ready()
-        replies = [writer.execute("GET", heartbeat(self.namespace, n)) for n in names]
-        return [None if r is None else heartbeat_fields(r) for r in await asyncio.gather(*replies)]
+        replies = await self._read([("GET", heartbeat(self.namespace, n)) for n in names])
+        return [None if r is None else heartbeat_fields(r) for r in replies]
 
     async def alive(self, names: Sequence[str]) -> list[bool]:
         """Whether each agent's heartbeat is current."""
-        writer = await self._writer.ready()
-        replies = [writer.execute("EXISTS", heartbeat(self.namespace, n)) for n in names]
-        return [bool(r) for r in await asyncio.gather(*replies)]
+        replies = await self._read([("EXISTS", heartbeat(self.namespace, n)) for n in names])
+        return [bool(r) for r in replies]
 
     async def agents(self) -> dict[str, int]:
         """Every agent ever registered in the namespace, with its id."""
-        flat = await self.execute("HGETALL", registry(self.namespace))
+        (flat,) = await self._read([("HGETALL", registry(self.namespace))])
         pairs = zip(flat[::2], flat[1::2], strict=True)
         return {k[2:].decode(): int(v) for k, v in pairs if k.startswith(b"n:")}
+
+    async def _read(self, commands: list[tuple[Arg, ...]]) -> list[Any]:
+        """Read-only commands, asked again once the writer is back if its connection
+        dropped under them (a failover does that): the question stands, and its answer
+        does not depend on which connection carried it."""
+        for attempt in range(1, _READ_ATTEMPTS + 1):
+            writer = await self._writer.ready()
+            try:
+                return list(await asyncio.gather(*(writer.execute(*c) for c in commands)))
+            except ConnectionLost:
+                if attempt == _READ_ATTEMPTS:
+                    raise
+        raise AssertionError("unreachable")
 
 
 def _log_unstored(stored: Stored) -> None:

@@ -129,13 +129,20 @@ class ClusterConnection:
         try:
             self._load_slots(await conn.execute("CLUSTER", "SLOTS"), seed)
         except ReplyError as e:
+            conn.close()
             raise ConnectionLost(
                 f"Redis at {seed[0]}:{seed[1]} is not a cluster node ({e}); "
                 "use redis:// for a single Redis"
             ) from e
-        finally:
-            if seed not in self._slots:  # failed, or it serves no slot (a replica)
-                conn.close()
+        except BaseException:
+            conn.close()
+            raise
+        if seed not in self._slots:
+            # It serves no slot: a replica (a seed demoted by a failover, say). Kept, it
+            # would be the first node of `_any_node`, and its close would take this
+            # connection down.
+            conn.close()
+            return
         # Watched from now on; if it died meanwhile, its first command says so.
         conn.on_lost = self._node_lost
         self._conns[seed] = conn

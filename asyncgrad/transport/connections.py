@@ -9,17 +9,21 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from asyncgrad.transport.cluster import RedisLink, SyncRedisLink, connect, connect_sync
 from asyncgrad.transport.resp import ConnectionLost, RedisAddress
 
-__all__ = ["FIRST_RETRY_DELAY", "Endpoint", "TransportSettings"]
+__all__ = ["FIRST_RETRY_DELAY", "Endpoint", "Flapping", "TransportSettings"]
 
 logger = logging.getLogger(__name__)
 
 FIRST_RETRY_DELAY = 0.05
+# A connection that lived less than this before it was lost was not a recovery.
+_STABLE_AFTER = 1.0
 
 
 @dataclass(frozen=True)
@@ -86,3 +90,29 @@ class Endpoint:
     def open_sync(self, role: str) -> SyncRedisLink:
         """A blocking connection, for a thread that must not depend on the event loop."""
         return connect_sync(self.address, name=self.client_name(role))
+
+
+class Flapping:
+    """Paces the reconnects of one connection: the first after a connection that held is
+    at once; while each new one is lost again at once, they back off.
+
+    Over a cluster, a connection opens from the slot map and loses itself on its first
+    command to a master that died but is not yet replaced: until a replica is promoted,
+    reconnecting at once would spin.
+    """
+
+    def __init__(self, max_delay: float) -> None:
+        self._max_delay = max_delay
+        self._delay = FIRST_RETRY_DELAY
+        self._since = -math.inf
+
+    def connected(self) -> None:
+        self._since = time.monotonic()
+
+    async def pause(self) -> None:
+        """Before reconnecting: wait if the lost connection had not held."""
+        if time.monotonic() - self._since >= _STABLE_AFTER:
+            self._delay = FIRST_RETRY_DELAY
+            return
+        await asyncio.sleep(self._delay)  # backoff timer: there is no event to wait on
+        self._delay = min(self._delay * 2, self._max_delay)

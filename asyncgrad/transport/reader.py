@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from asyncgrad.transport.cluster import RedisLink
-from asyncgrad.transport.connections import FIRST_RETRY_DELAY, Endpoint
+from asyncgrad.transport.connections import Endpoint, Flapping
 from asyncgrad.transport.keys import GROUP, inbox
 from asyncgrad.transport.resp import ConnectionLost, ReplyError
 from asyncgrad.transport.writer import Writer
@@ -91,10 +91,12 @@ class Reader:
         # entries after a reconnect must not hand them over (or ack them) a second time.
         self._in_flight: set[bytes] = set()
         self._recovering: asyncio.Task[None] | None = None
+        self._flapping = Flapping(endpoint.settings.reconnect_max_delay)
 
     async def start(self) -> None:
         """Connect and prepare the inbox; reading begins with `read`."""
         self.conn = await self._endpoint.open("reader", spill=self._writer_conn)
+        self._flapping.connected()
         await self._prepare(self.conn)
 
     async def close(self) -> None:
@@ -237,27 +239,30 @@ class Reader:
                 # NOGROUP: Redis lost the inbox (restarted without persistence). Anything
                 # else (LOADING, MISCONF, ...) is transient or needs an operator: retry.
                 logger.warning("event=read_failed agent=%s error=%s", name, error)
-                # UNBLOCKED: the inbox was deleted under a blocked read (Redis 7).
-                if error.code not in ("NOGROUP", "UNBLOCKED"):
+                # UNBLOCKED: the inbox was deleted under a blocked read (Redis 7), or its
+                # master became a replica (a failover), which then closes the connection:
+                # read again from a fresh one, at once.
+                if error.code == "UNBLOCKED" and self.conn is not None:
+                    self.conn.close()
+                elif error.code != "NOGROUP":
                     await asyncio.sleep(settings.reconnect_max_delay)  # retry timer
-            delay, agent_id = FIRST_RETRY_DELAY, -1
+            agent_id = -1
             while not self._closing:
                 reader = self.conn
                 if reader is None or not reader.is_open:
+                    await self._flapping.pause()
                     reader = self.conn = await self._endpoint.open_with_backoff(
                         "reader", spill=self._writer_conn
                     )
+                    self._flapping.connected()
                 try:
                     agent_id = await self._prepare(reader)
                     break
                 except (ReplyError, ConnectionLost) as e:
-                    logger.warning(
-                        "event=prepare_failed agent=%s retry_in=%.2fs error=%s", name, delay, e
-                    )
+                    logger.warning("event=prepare_failed agent=%s error=%s", name, e)
+                    # Opened again after a pause that grows while it keeps failing: a Redis
+                    # that keeps refusing is not asked in a tight loop.
                     reader.close()
-                    # Backoff timer: a Redis that keeps refusing is not asked in a tight loop.
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, settings.reconnect_max_delay)
             logger.info("event=reader_recovered agent=%s id=%d", name, agent_id)
         finally:
             self._recovering = None

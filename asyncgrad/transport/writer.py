@@ -17,7 +17,7 @@ from typing import Any
 
 from asyncgrad.errors import TransportError
 from asyncgrad.transport.cluster import RedisLink
-from asyncgrad.transport.connections import Endpoint
+from asyncgrad.transport.connections import Endpoint, Flapping
 from asyncgrad.transport.keys import GROUP, dead_letters, inbox
 from asyncgrad.transport.resp import Arg, ConnectionLost
 
@@ -67,10 +67,12 @@ class Writer:
         self._backlog: list[tuple[tuple[Arg, ...], Callable[[Any], None] | None]] = []
         self._flush_handle: asyncio.Handle | None = None
         self._reconnecting: asyncio.Task[None] | None = None
+        self._flapping = Flapping(endpoint.settings.reconnect_max_delay)
 
     async def connect(self) -> None:
         """The first connection: `ConnectionLost` if Redis cannot be reached now."""
         self.conn = await self._endpoint.open("writer", self._on_lost)
+        self._flapping.connected()
 
     async def close(self) -> None:
         """Give up: what still waits for the writer fails now, with the futures of its sends."""
@@ -230,7 +232,9 @@ class Writer:
         try:
             conn = None
             while conn is None or not conn.is_open:  # lost again before it was used
+                await self._flapping.pause()
                 conn = self.conn = await self._endpoint.open_with_backoff("writer", self._on_lost)
+                self._flapping.connected()
             self.reconnected_at = time.monotonic()
             logger.info(
                 "event=reconnected agent=%s role=writer resend=%d",
