@@ -138,17 +138,30 @@ class Trainer:
     ) -> dict[str, Any]:
         """`steps` steps; each attempt within `step_timeout` s, at most `attempts` per step
         (then the last error is raised). Reports the steps done to `board.report(name, n)`
-        every `report_every` steps."""
+        every `report_every` steps, and at the end the run's report, which it also returns,
+        to `board.report(name, steps, report)`: a caller whose wait for the reply ended
+        (this trainer was frozen past the failure window: `OutcomeUnknown`) finds it there."""
         log, started = RunLog(), time.time()
         name = rpc.current_agent().name
         for done in range(1, steps + 1):
             await self._step_retrying(log, step_timeout, attempts, max_delay)
-            if board is not None and (done % report_every == 0 or done == steps):
+            if board is not None and done % report_every == 0 and done < steps:
                 try:
                     await board.rpc_async(timeout=step_timeout).report(name, done)
                 except RETRYABLE as e:
                     log.report_lost(e)  # the next report says the same, and more
-        return log.report(started)
+        report = log.report(started)
+        if board is not None:
+            for attempt in range(1, attempts + 1):
+                try:
+                    await board.rpc_async(timeout=step_timeout).report(name, steps, report)
+                    break
+                except RETRYABLE as e:
+                    if attempt == attempts:
+                        raise
+                    log.report_lost(e)
+                    await asyncio.sleep(max_delay)  # backoff timer, as between attempts
+        return report
 
     async def _step_retrying(
         self, log: RunLog, timeout: float, attempts: int, max_delay: float
