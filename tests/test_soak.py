@@ -76,6 +76,28 @@ def test_chaos_every_step_finishes_after_a_kill_and_a_redis_restart(tmp_path: Pa
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(180 + STEPS // 10)
+def test_faults_free_nothing_and_apply_no_step_twice(tmp_path: Path) -> None:
+    # S3: each trainer's and the server's 10 s freeze, a write pause, DEBUG SLEEP, a full
+    # Redis, garbage in every inbox. Every step finishes; the soak's checks (its
+    # violations) hold the steps applied to the steps that succeeded.
+    record = bench_soak("S3", tmp_path)
+    figures = record["figures"]
+    assert record["name"] == "S3_faults"
+    assert record["violations"] == []
+    assert figures["steps_done"] == STEPS
+    kinds = ["stop", "stop", "pause", "sleep", "oom", "garbage"]
+    assert [f["kind"] for f in figures["faults"]] == kinds
+    for name, counts in figures["steps_applied"].items():
+        assert counts["applied"] == counts["succeeded"] > 0, (name, counts)
+    # A write Redis refused while full: `ReplyError` (a `TransportError`) with its reason.
+    clear = (*CLEAR, "ReplyError: OOM")
+    kinds_seen = [kind.removeprefix("progress report: ") for kind in figures["errors"]]
+    assert all(kind.startswith(clear) for kind in kinds_seen), figures["errors"]
+    # (That a Redis stall is nobody's death, fault by fault: tests/test_faults.py.)
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_a_leaking_worker_fails_the_soak() -> None:
     leaky = {**WORKERS, "ps": ["asyncgrad.workloads.param_server", "tests.soak_leak"]}
