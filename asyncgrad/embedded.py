@@ -33,7 +33,7 @@ __all__ = [
     "PortInUse",
     "RedisServerNotFound",
     "die_with_parent",
-    "server_version",
+    "redis_version",
 ]
 
 logger = logging.getLogger(__name__)
@@ -81,11 +81,10 @@ def find_redis_server(override: str | None = None) -> str:
     raise RedisServerNotFound(f"redis-server not found on PATH, nor at {looked}")
 
 
-def server_version(server: str | None = None) -> tuple[int, int]:
-    """(major, minor) of the redis-server `find_redis_server(server)` finds."""
-    binary = find_redis_server(server)
+def redis_version(binary: str) -> tuple[int, int]:
+    """(major, minor) of a Redis binary (redis-server or redis-cli), from its `--version`."""
     out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10)
-    found = re.search(r"v=(\d+)\.(\d+)", out.stdout)
+    found = re.search(r"(\d+)\.(\d+)\.\d+", out.stdout)
     if found is None:
         raise EmbeddedRedisError(f"{binary} --version says {out.stdout.strip()!r}")
     return int(found[1]), int(found[2])

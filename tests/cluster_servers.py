@@ -8,7 +8,6 @@ against a deadline.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -20,7 +19,13 @@ from typing import Self
 
 import redis
 
-from asyncgrad.embedded import RedisServerNotFound, die_with_parent, find_redis_server
+from asyncgrad.embedded import (
+    EmbeddedRedisError,
+    RedisServerNotFound,
+    die_with_parent,
+    find_redis_server,
+    redis_version,
+)
 
 _POLL = 0.02  # seconds between two probes of a server that announces nothing
 
@@ -40,10 +45,12 @@ def find_binaries(server_override: str | None = None) -> tuple[str, str]:
     if cli is None:
         raise ClusterUnsupported(f"no redis-cli next to {server} nor on PATH")
     for binary in (server, cli):
-        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10)
-        found = re.search(r"(\d+)\.(\d+)\.\d+", out.stdout)
-        if found is None or int(found[1]) < 5:
-            raise ClusterUnsupported(f"{binary} is not Redis 5 or later: {out.stdout.strip()!r}")
+        try:
+            version = redis_version(binary)
+        except EmbeddedRedisError as e:
+            raise ClusterUnsupported(str(e)) from e
+        if version < (5, 0):
+            raise ClusterUnsupported(f"{binary} is Redis {version[0]}.{version[1]}, not 5 or later")
     return server, cli
 
 

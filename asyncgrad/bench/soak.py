@@ -44,7 +44,7 @@ from typing import Any, TypeVar
 
 from asyncgrad.bench.driver import parse_info
 from asyncgrad.bench.options import Options
-from asyncgrad.embedded import server_version
+from asyncgrad.embedded import find_redis_server, redis_version
 from asyncgrad.errors import ContextError, OutcomeUnknown, RpcError, TransportError
 from asyncgrad.local_cluster import LocalCluster
 from asyncgrad.rpc import Agent, RRef, expose
@@ -119,12 +119,16 @@ def chaos(options: Options) -> dict[str, Any]:
 def faults(options: Options) -> dict[str, Any]:
     """The same job through freezes, stalls, a full Redis and garbage (an embedded Redis of
     its own, which takes `DEBUG`: Redis 7 only when told so, 6.2 always)."""
-    server = os.environ.get("ASYNCGRAD_REDIS_SERVER")
-    debug = ("--enable-debug-command", "local") if server_version(server) >= (7, 0) else ()
+    server = find_redis_server(os.environ.get("ASYNCGRAD_REDIS_SERVER"))
+    debug = ("--enable-debug-command", "local") if redis_version(server) >= (7, 0) else ()
     return soak_job(
-        _steps(options), FAULTS, None, options.namespace, options.failure_timeout,
+        _steps(options),
+        FAULTS,
+        None,
+        options.namespace,
+        options.failure_timeout,
         server_options=debug,
-    )  # fmt: skip
+    )
 
 
 def _steps(options: Options) -> int:
@@ -531,7 +535,7 @@ def _recovery(fault: dict[str, Any], reports: dict[str, dict[str, Any]]) -> dict
         }
     out["trainers"] = per_trainer
     # A trainer the fault did not hold up (a freeze of the other one) has no gap.
-    known = [t["first_step_after_s"] for t in per_trainer.values() if t["first_step_after_s"]]
+    known = [t for t in (p["first_step_after_s"] for p in per_trainer.values()) if t is not None]
     out["recovered_after_s"] = max(known) if known else None
     return out
 
