@@ -11,6 +11,7 @@ array([[2., 4.],
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -99,11 +100,22 @@ class Tensor:
         return len(self.data)
 
     def item(self) -> Any:
+        """The value of a one-element tensor as a Python number (`float`, `int`, `bool`)."""
         return self.data.item()
 
     def numpy(self) -> Array:
         """The array itself, not a copy."""
         return self.data
+
+    def __array__(self, dtype: DTypeLike | None = None, copy: bool | None = None) -> Array:
+        """numpy's array protocol: `np.asarray(t)` is `t.data` (no copy unless asked).
+
+        Unlike PyTorch, a tensor that requires grad converts too: the array is only read,
+        and nothing numpy does with it is recorded.
+        """
+        if copy is None:  # numpy 1.x never passes `copy`; numpy 2 passes None for "if needed"
+            return self.data if dtype is None else self.data.astype(dtype, copy=False)
+        return np.array(self.data, dtype=dtype, copy=copy)
 
     def detach(self) -> Tensor:
         """The same data, cut off from the graph."""
@@ -330,8 +342,19 @@ def from_numpy(array: Array) -> Tensor:
     return Tensor._make(array)
 
 
-def _shape(shape: int | Iterable[int]) -> tuple[int, ...]:
-    return (shape,) if isinstance(shape, int) else tuple(shape)
+def _shape(dims: tuple[int | Iterable[int], ...], what: str) -> tuple[int, ...]:
+    """A shape given as several ints, or as one tuple or list of them (as in PyTorch)."""
+    given = dims
+    try:
+        if len(dims) == 1 and not isinstance(dims[0], int | np.integer | str | bytes):
+            dims = tuple(dims[0])
+        return tuple(operator.index(d) for d in dims)  # type: ignore[arg-type]
+    except TypeError:
+        shown = ", ".join(map(repr, given))
+        raise TypeError(
+            f"{what}() takes a shape as ints, {what}(2, 3), or as one tuple of ints, "
+            f"{what}((2, 3)), not {what}({shown})"
+        ) from None
 
 
 def _leaf(data: Array, requires_grad: bool) -> Tensor:
@@ -339,15 +362,23 @@ def _leaf(data: Array, requires_grad: bool) -> Tensor:
 
 
 def zeros(
-    shape: int | Iterable[int], *, dtype: DTypeLike = "float32", requires_grad: bool = False
+    shape: int | Iterable[int] = (),
+    *dims: int,
+    dtype: DTypeLike = "float32",
+    requires_grad: bool = False,
 ) -> Tensor:
-    return _leaf(np.zeros(_shape(shape), dtype=dtype), requires_grad)
+    """A tensor of zeros: `zeros(2, 3)`, `zeros((2, 3))` or `zeros(shape=(2, 3))`."""
+    return _leaf(np.zeros(_shape((shape, *dims), "zeros"), dtype=dtype), requires_grad)
 
 
 def ones(
-    shape: int | Iterable[int], *, dtype: DTypeLike = "float32", requires_grad: bool = False
+    shape: int | Iterable[int] = (),
+    *dims: int,
+    dtype: DTypeLike = "float32",
+    requires_grad: bool = False,
 ) -> Tensor:
-    return _leaf(np.ones(_shape(shape), dtype=dtype), requires_grad)
+    """A tensor of ones: `ones(2, 3)`, `ones((2, 3))` or `ones(shape=(2, 3))`."""
+    return _leaf(np.ones(_shape((shape, *dims), "ones"), dtype=dtype), requires_grad)
 
 
 def randn(
@@ -356,8 +387,9 @@ def randn(
     dtype: DTypeLike = "float32",
     requires_grad: bool = False,
 ) -> Tensor:
-    """Standard normal samples; pass `rng` (a `np.random.Generator`) to make them repeatable."""
-    dims = _shape(shape[0]) if len(shape) == 1 else tuple(int(s) for s in shape)  # type: ignore[arg-type]
+    """Standard normal samples, `randn(2, 3)` or `randn((2, 3))`; pass `rng` (a
+    `np.random.Generator`) to make them repeatable."""
+    dims = _shape(shape, "randn")
     rng = np.random.default_rng() if rng is None else rng
     target = np.dtype(dtype)
     if target in (np.float32, np.float64):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import numpy as np
 import pytest
@@ -55,6 +56,48 @@ def test_attributes() -> None:
     d = y.detach()
     assert d.is_leaf and not d.requires_grad and d.data is y.data
     assert "grad_fn=<MulBackward>" in repr(y)
+
+
+@pytest.mark.parametrize("make", [ag.zeros, ag.ones, ag.randn])
+def test_a_shape_is_several_ints_or_one_tuple(make: Any) -> None:
+    assert make(2, 20).shape == (2, 20)
+    assert make((2, 20)).shape == (2, 20)
+    assert make([2, 20]).shape == (2, 20)
+    assert make(np.int64(3)).shape == (3,)
+    assert make((2, 3), dtype="float64", requires_grad=True).dtype == np.float64
+    assert make(2, 3, requires_grad=True).requires_grad
+    name = make.__name__
+    with pytest.raises(TypeError, match=rf"{name}\(\(2, 3\)\), not {name}\(2.0\)"):
+        make(2.0)
+    with pytest.raises(TypeError, match=rf"not {name}\(\(2, 3\), 4\)"):
+        make((2, 3), 4)
+
+
+def test_zeros_and_ones_take_shape_by_keyword() -> None:
+    assert ag.zeros(shape=(2, 3)).shape == (2, 3)
+    assert ag.ones(shape=4).shape == (4,)
+
+
+def test_item_gives_a_python_number() -> None:
+    assert type(ag.tensor([[2.5]]).item()) is float
+    assert type(ag.tensor(np.int64(3)).item()) is int
+    with pytest.raises(ValueError, match="size 1"):
+        ag.tensor([1.0, 2.0]).item()
+
+
+def test_numpy_array_protocol() -> None:
+    t = ag.tensor([[1.0, 2.0], [3.0, 4.0]], requires_grad=True)  # requires grad: converts too
+    a = np.asarray(t)
+    assert a is t.data and a.dtype == np.float32
+    assert np.asarray(t, dtype=np.float64).dtype == np.float64
+    copied = np.array(t)
+    assert np.array_equal(copied, t.data) and not np.shares_memory(copied, t.data)
+    assert np.asarray(t, copy=False) is t.data
+    with pytest.raises(ValueError, match="copy"):
+        np.array(t, dtype=np.float64, copy=False)
+    stacked = np.asarray([ag.tensor(1.0), ag.tensor(2.0)])
+    assert stacked.dtype == np.float32 and stacked.tolist() == [1.0, 2.0]
+    assert t.grad_fn is None and t.grad is None  # numpy's use records nothing
 
 
 def test_tensors_hash_by_identity() -> None:
