@@ -18,7 +18,7 @@ import os
 import pickle
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -836,6 +836,61 @@ async def test_init_makes_the_process_agent_current(redis_url: str, namespace: s
             ag.rpc.current_agent()
     finally:
         await agent.shutdown(graceful=False)
+
+
+async def test_init_inside_async_with_makes_its_agent_current(
+    redis_url: str, namespace: str
+) -> None:
+    async with Agent("a", redis_url=redis_url, namespace=namespace) as a:
+        b = await rpc.init("b", redis_url=redis_url, namespace=namespace)
+        try:
+            assert rpc.current_agent() is b
+            assert await asyncio.create_task(_current_name()) == "b"
+            assert rpc.RRef("mine").owner == "b"
+            await rpc.shutdown()  # shuts b down, not a
+            with pytest.raises(ag.RpcError, match="'b' is closed"):
+                await b.rpc_async("a", f.whoami)
+            assert rpc.current_agent() is a
+            assert await rpc.rpc_async("a", f.whoami) == (namespace, "a")
+        finally:
+            await b.shutdown(graceful=False)
+    with pytest.raises(RuntimeError):
+        rpc.current_agent()
+
+
+@pytest.fixture
+async def entered_agent(redis_url: str, namespace: str) -> AsyncIterator[Agent]:
+    """An agent the fixture entered with `async with`, as a test's setup may."""
+    async with Agent("a", redis_url=redis_url, namespace=namespace) as a:
+        yield a
+
+
+async def test_init_in_a_test_whose_fixture_entered_an_agent(
+    entered_agent: Agent, redis_url: str, namespace: str
+) -> None:
+    assert rpc.current_agent() is entered_agent
+    b = await rpc.init("b", redis_url=redis_url, namespace=namespace)
+    try:
+        assert rpc.current_agent() is b
+        assert await rpc.get_worker_info() == rpc.WorkerInfo("b", b.id)
+    finally:
+        await rpc.shutdown()
+    assert rpc.current_agent() is entered_agent
+
+
+async def test_init_twice_then_shutdown_in_reverse(redis_url: str, namespace: str) -> None:
+    a = await rpc.init("a", redis_url=redis_url, namespace=namespace)
+    b = await rpc.init("b", redis_url=redis_url, namespace=namespace)
+    try:
+        assert rpc.current_agent() is b
+        await rpc.shutdown()
+        assert rpc.current_agent() is a
+        await rpc.shutdown()
+        with pytest.raises(RuntimeError):
+            rpc.current_agent()
+    finally:
+        await b.shutdown(graceful=False)
+        await a.shutdown(graceful=False)
 
 
 async def _current_name() -> str:

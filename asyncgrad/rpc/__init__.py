@@ -14,8 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from asyncgrad.rpc.agent import Agent, WorkerInfo, current_agent
-from asyncgrad.rpc.current import process_default
+from asyncgrad.rpc.agent import Agent, WorkerInfo, current_agent, init
 from asyncgrad.rpc.exposed import expose
 from asyncgrad.rpc.rref import RRef
 
@@ -31,13 +30,6 @@ __all__ = [
     "rpc_async",
     "shutdown",
 ]
-
-
-async def init(name: str, **agent_kwargs: Any) -> Agent:
-    """Start an agent and make it current for this process; returns it."""
-    agent = await Agent(name, **agent_kwargs).start()
-    process_default.append(agent)
-    return agent
 
 
 async def rpc_async(
@@ -68,5 +60,5 @@ async def get_worker_info(name: str | None = None) -> WorkerInfo:
 
 
 async def shutdown(graceful: bool = True) -> None:
-    """Shut the current agent down."""
+    """Shut the current agent down; if `init` made it current, what it displaced is again."""
     await current_agent().shutdown(graceful)

@@ -47,9 +47,22 @@ from asyncgrad.transport import (
     TransportSettings,
 )
 
-__all__ = ["Agent", "WorkerInfo", "current_agent", "default_redis_url"]
+__all__ = ["Agent", "WorkerInfo", "current_agent", "default_redis_url", "init"]
 
 logger = logging.getLogger(__name__)
+
+
+async def init(name: str, **agent_kwargs: Any) -> Agent:
+    """Start an agent and make it current: for this task and the tasks it creates from now
+    on (also inside an `async with Agent(...)` block), and for every task of the process
+    that has no agent of its own. Its shutdown makes the agent it displaced here current
+    again."""
+    agent = await Agent(name, **agent_kwargs).start()
+    displaced = current.get()
+    agent._displaced = (displaced if isinstance(displaced, Agent) else None,)
+    current.set(agent)
+    process_default.append(agent)
+    return agent
 
 
 def current_agent() -> Agent:
@@ -151,6 +164,8 @@ class Agent:
         self._hurry = asyncio.Event()
         self._closed = asyncio.Event()
         self._entered: list[contextvars.Token[Any]] = []
+        # What `init` displaced as the current agent of its task: restored by shutdown.
+        self._displaced: tuple[Agent | None] | None = None
 
     @property
     def id(self) -> int:
@@ -245,6 +260,8 @@ class Agent:
         self._closed.set()
         if self in process_default:
             process_default.remove(self)
+        if self._displaced is not None and current.get() is self:
+            current.set(self._displaced[0])
         logger.info("event=agent_stopped agent=%s graceful=%s", self.name, graceful)
 
     async def _drain(self) -> None:

@@ -1,5 +1,6 @@
-"""The agent a task runs for: the one of the `async with Agent(...)` block or exposed
-function it runs in, else the one `rpc.init` started for the process.
+"""The agent a task runs for: the latest of the one `rpc.init` started in it and the one
+of the `async with Agent(...)` block or exposed function it runs in, else the one
+`rpc.init` started for the process.
 
 The agent module sets it; the modules below the agent (an `RRef(value)` made by user
 code, distributed autograd's functions) read it, and see the agent as `Current`: the
