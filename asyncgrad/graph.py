@@ -109,6 +109,14 @@ class Node:
     def no_gradient(self) -> None:
         """Called instead of `backward_edges` when every incoming gradient was `None`."""
 
+    def no_exit(self) -> Exception:
+        """What a pass with no `exit` raises on reaching this node (one that `exits`):
+        the layer that made the node knows what the user should run instead."""
+        return RuntimeError(
+            f"{self.name} hands its gradient out of this graph: a backward with no exit "
+            "for it cannot run through it"
+        )
+
     @property
     def name(self) -> str:
         return type(self).__name__
@@ -242,11 +250,7 @@ class GraphTask:
 
     def _leave(self, node: Node, grads: list[Any] | None) -> None:
         if self._exit is None:
-            raise RuntimeError(
-                f"{node.name} sends its gradient to another worker: a backward through it "
-                "runs only as a distributed pass, `await dist_autograd.backward(context_id, "
-                "[loss])`, not `loss.backward()`"
-            )
+            raise node.no_exit()
         self._exit(node, grads)
 
     def _collect(self, leaf: Hashable, grad: Array) -> None:

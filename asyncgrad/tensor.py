@@ -310,7 +310,9 @@ def root_seeds(
         given = None if grads is None else grads[i]
         if not isinstance(root, Tensor) or not root.requires_grad:
             raise RuntimeError(
-                f"element {i} of tensors does not require grad and does not have a grad_fn"
+                f"element {i} of tensors does not require grad and does not have a grad_fn: "
+                "nothing recorded how it was made (under no_grad, or from tensors of which "
+                "none requires grad)"
             )
         if given is None:
             if root.data.size != 1:

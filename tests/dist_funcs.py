@@ -48,6 +48,11 @@ async def forward_to(h: ag.Tensor, seed: int, nxt: str) -> ag.Tensor:
     return await rpc.rpc_async(nxt, "dt.layer", args=(layer(h, seed), seed + 1))
 
 
+@rpc.expose(name="dt.requires_grad")
+def requires_grad(t: ag.Tensor) -> bool:
+    return t.requires_grad
+
+
 @rpc.expose(name="dt.product")
 def product(a: ag.Tensor, b: ag.Tensor) -> ag.Tensor:
     return a * b

@@ -17,6 +17,7 @@ import pytest
 
 import asyncgrad as ag
 from asyncgrad import dist_autograd, rpc
+from asyncgrad.tensor import gradients
 from tests import dist_funcs  # noqa: F401 - exposes the dt.* functions
 from tests.conftest import redis_py
 
@@ -124,8 +125,16 @@ async def test_a_local_backward_through_a_received_tensor_says_what_to_call(
     async with dist_autograd.context() as ctx:
         y = await rpc.rpc_async("w1", "dt.layer", args=(x, 0))
         assert isinstance(y.grad_fn, dist_autograd.RecvRpcBackward)
-        with pytest.raises(RuntimeError, match=r"dist_autograd\.backward\(context_id"):
-            y.sum().backward()
+        message = (
+            r"^this graph crosses workers: it holds a tensor received from 'w1' in a "
+            r"dist_autograd context, so loss.backward\(\) cannot run through it; call "
+            r"`await dist_autograd.backward\(context_id, \[loss\]\)` inside that context$"
+        )
+        with pytest.raises(RuntimeError, match=message):
+            (y.sum() * 2).backward()
+        with pytest.raises(RuntimeError, match=message):
+            gradients([(y * x).sum()])  # x is a local leaf too: still refused, not half done
+        assert x.grad is None
         await dist_autograd.backward(ctx, [y.sum()])  # the context is still usable
         assert x in dist_autograd.get_gradients(ctx)
 
@@ -317,8 +326,29 @@ async def test_get_gradients_of_unknown_context(driver: rpc.Agent) -> None:
 async def test_nothing_is_recorded_outside_a_context(
     driver: rpc.Agent, workers: list[rpc.Agent]
 ) -> None:
-    y = await rpc.rpc_async("w1", "dt.layer", args=(ag.tensor(X), 0))
-    assert y.requires_grad and y.grad_fn is None  # a leaf: the flag travels, no graph does
+    x = ag.tensor(X, requires_grad=True)
+    y = await rpc.rpc_async("w1", "dt.layer", args=(x, 0))  # w1's weight requires grad
+    assert y.grad_fn is None and not y.requires_grad  # a constant, as if made in no_grad
+    # so a local backward cannot "work" and train nothing: it says nothing was recorded
+    with pytest.raises(RuntimeError, match=r"does not require grad .* nothing recorded"):
+        ag.nn.functional.mse_loss(y, ag.zeros(3, 4)).backward()
+    assert x.grad is None
+    assert await rpc.rpc_async("w1", "dt.weight_dot_grad", args=(0,)) is None
+    # nor do a call's arguments arrive requiring grad on the callee
+    assert await rpc.rpc_async("w1", "dt.requires_grad", args=(x,)) is False
+
+
+async def test_a_call_not_recorded_inside_a_context_sends_constants(
+    driver: rpc.Agent, workers: list[rpc.Agent]
+) -> None:
+    x = ag.tensor(X, requires_grad=True)
+    async with dist_autograd.context():
+        assert await rpc.rpc_async("w1", "dt.requires_grad", args=(x,)) is True
+        with ag.no_grad():  # the sender records nothing: the callee gets a constant
+            assert await rpc.rpc_async("w1", "dt.requires_grad", args=(x,)) is False
+            y = await rpc.rpc_async("w1", "dt.layer", args=(x, 0))
+        # w1 runs the call with grad enabled, in the context: its reply is recorded
+        assert isinstance(y.grad_fn, dist_autograd.RecvRpcBackward)
 
 
 async def test_abandoned_contexts_expire(driver: rpc.Agent, workers: list[rpc.Agent]) -> None:
@@ -358,6 +388,68 @@ async def test_distributed_optimizer_steps_the_owner_and_keeps_its_state(
         (ag.tensor(X) @ w).tanh().sum().backward()
         local.step()
     np.testing.assert_allclose(got, w.data, rtol=1e-12)
+
+
+async def _params() -> list[Any]:
+    return []
+
+
+# Each case makes its value anew: a generator would be used up by the first run.
+@pytest.mark.parametrize(
+    ("params", "error", "message"),
+    [
+        (
+            lambda: [ag.tensor([1.0])],
+            TypeError,
+            r"^DistributedOptimizer wants parameter RRefs, but params_rref\[0\] is a Tensor: "
+            r"wrap local parameters as `\[rpc.RRef\(p\) for p in model.parameters\(\)\]`, "
+            r"or get a remote model's",
+        ),
+        (lambda: [None], TypeError, r"params_rref\[0\] is a NoneType: wrap"),
+        (lambda: ag.nn.Linear(2, 2).parameters(), TypeError, r"params_rref\[0\] is a Parameter"),
+        (lambda: ag.tensor([1.0]), TypeError, r"a list of parameter RRefs, not 'Tensor'"),
+        (lambda: [], ValueError, "an empty list of parameter RRefs"),
+    ],
+)
+async def test_distributed_optimizer_wants_parameter_rrefs(
+    driver: rpc.Agent, params: Callable[[], Any], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        ag.optim.DistributedOptimizer(ag.optim.SGD, params(), lr=0.1)
+
+
+async def test_distributed_optimizer_hints_at_a_missing_await(driver: rpc.Agent) -> None:
+    pending = _params()
+    try:
+        with pytest.raises(TypeError, match=r"params_rref is 'coroutine'.* a missing `await`"):
+            ag.optim.DistributedOptimizer(ag.optim.SGD, pending, lr=0.1)  # type: ignore[arg-type]
+    finally:
+        pending.close()
+
+
+async def test_distributed_optimizer_wants_an_optimizer_class(driver: rpc.Agent) -> None:
+    param = ag.nn.Parameter([1.0])
+    local = ag.optim.SGD([param], lr=0.1)
+    with pytest.raises(TypeError, match=r"wants an optimizer class such as optim\.SGD, not <"):
+        ag.optim.DistributedOptimizer(local, [rpc.RRef(param)])  # type: ignore[arg-type]
+
+
+@pytest.mark.timeout(30)
+async def test_a_worker_process_sends_constants_outside_a_context(
+    driver: rpc.Agent, spawn_worker: Callable[..., Any]
+) -> None:
+    spawn_worker("p1", "tests.dist_funcs")
+    x = ag.tensor(X, requires_grad=True)
+    y = await rpc.rpc_async("p1", "dt.layer", args=(x, 0))
+    assert not y.requires_grad and y.grad_fn is None
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        y.sum().backward()
+    async with dist_autograd.context() as ctx:
+        y = await rpc.rpc_async("p1", "dt.layer", args=(x, 0))
+        assert isinstance(y.grad_fn, dist_autograd.RecvRpcBackward)
+        await dist_autograd.backward(ctx, [y.sum()])
+        assert await rpc.rpc_async("p1", "dt.weight_grad", args=(ctx, 0)) is not None
+        assert x in dist_autograd.get_gradients(ctx)
 
 
 @pytest.mark.timeout(30)

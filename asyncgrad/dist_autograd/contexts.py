@@ -284,7 +284,8 @@ class Contexts:
     def incoming(
         self, sender: str, record: ContextRecord, tensors: list[Tensor], call: bool
     ) -> None:
-        """A recorded call or reply arrived: a recv node for its tensors, in its context."""
+        """A recorded call or reply arrived: a recv node for its tensors (those that
+        required grad on the sender; they arrived as constants), in its context."""
         for released in record.released:
             self.release(released, came_from=sender)
         if not record.context:

@@ -51,3 +51,12 @@ class RecvRpcBackward(Node):
     def __init__(self, peer: str, message_id: int, count: int) -> None:
         self.peer, self.message_id = peer, message_id
         self.num_outputs = count
+
+    def no_exit(self) -> Exception:
+        # A local backward (`loss.backward()`, `gradients`) reached a tensor received in
+        # a context: its gradient belongs to another worker, which only a pass can ship.
+        return RuntimeError(
+            f"this graph crosses workers: it holds a tensor received from {self.peer!r} "
+            "in a dist_autograd context, so loss.backward() cannot run through it; call "
+            "`await dist_autograd.backward(context_id, [loss])` inside that context"
+        )

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import inspect
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from asyncgrad import optimizers as optim
@@ -66,6 +67,39 @@ class _LocalOptimizer:
         return self.steps
 
 
+_HOW = (
+    "wrap local parameters as `[rpc.RRef(p) for p in model.parameters()]`, or get a "
+    "remote model's from a method of it that returns them, as `await "
+    "ps.rpc_async().parameter_rrefs()` does in README's example"
+)
+
+
+def _parameter_rrefs(params_rref: Any) -> list[RRef[Tensor]]:
+    """`params_rref` as a list, if it is a non-empty collection of RRefs; else what to do."""
+    if inspect.isawaitable(params_rref):
+        raise TypeError(
+            f"params_rref is {type(params_rref).__name__!r}, not a list of parameter RRefs: "
+            "a missing `await`?"
+        )
+    if isinstance(params_rref, RRef | Tensor | str | bytes) or not isinstance(
+        params_rref, Iterable
+    ):
+        raise TypeError(
+            "DistributedOptimizer wants a list of parameter RRefs, not "
+            f"{type(params_rref).__name__!r}: {_HOW}"
+        )
+    rrefs = list(params_rref)
+    if not rrefs:
+        raise ValueError("DistributedOptimizer got an empty list of parameter RRefs")
+    for i, rref in enumerate(rrefs):
+        if not isinstance(rref, RRef):
+            raise TypeError(
+                f"DistributedOptimizer wants parameter RRefs, but params_rref[{i}] is a "
+                f"{type(rref).__name__}: {_HOW}"
+            )
+    return rrefs
+
+
 class DistributedOptimizer:
     """`await opt.step(context_id)` steps, on every owner of a parameter RRef, one optimizer
     of `optimizer_class` over the gradients that context holds there.
@@ -84,6 +118,12 @@ class DistributedOptimizer:
         params_rref: Sequence[RRef[Tensor]],
         **defaults: Any,
     ) -> None:
+        rrefs = _parameter_rrefs(params_rref)
+        if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, optim.Optimizer)):
+            raise TypeError(
+                "DistributedOptimizer(optimizer_class, ...) wants an optimizer class such as "
+                f"optim.SGD, not {optimizer_class!r:.60}"
+            )
         self.class_name = (
             optimizer_class.__name__
             if optimizer_class in _OPTIMIZERS.values()
@@ -91,7 +131,7 @@ class DistributedOptimizer:
         )
         self.defaults = defaults
         self.by_owner: dict[str, list[RRef[Tensor]]] = {}
-        for rref in params_rref:
+        for rref in rrefs:
             self.by_owner.setdefault(rref.owner, []).append(rref)
         self.id = uuid.uuid4().hex
         # The owner side of each owner, once made (`torch.distributed.optim` has this too).

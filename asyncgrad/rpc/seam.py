@@ -16,9 +16,10 @@ __all__ = ["AutogradSeam"]
 class AutogradSeam(Protocol):
     """`outgoing` sees every call and reply about to leave for `dest`, with the tensors in
     it that require grad, and returns the record for its header (None: nothing to record);
-    `incoming` sees each record that arrives (`call`: it runs in the call's own context,
-    so the context becomes current there); `unsent` hears of a recorded message that
-    never reached its receiver.
+    `incoming` sees each record that arrives, with the tensors that required grad on the
+    sender, which arrive as constants: it may make them require grad (`call`: it runs in
+    the call's own context, so the context becomes current there); `unsent` hears of a
+    recorded message that never reached its receiver.
     """
 
     def outgoing(self, dest: str, tensors: list[Tensor]) -> ContextRecord | None: ...

@@ -2,10 +2,11 @@
 what arrives to the part that handles its kind.
 
 `MessageCodec` turns a header and a payload into frames and back. Tensors (and
-parameters) travel as `(array, requires_grad)`; RRefs as `(owner, id)`. While one payload
-is encoded or decoded (both synchronous), the tensors in it that require grad, and the
-RRefs it passes on, are collected for the caller (autograd's seam records the tensors;
-the references count the RRefs).
+parameters) travel as `(array, requires_grad)` and arrive as constants: only a message
+recorded in a distributed autograd context makes them require grad. RRefs travel as
+`(owner, id)`. While one payload is encoded or decoded (both synchronous), the tensors
+in it that require grad, and the RRefs it passes on, are collected for the caller
+(autograd's seam records the tensors; the references count the RRefs).
 """
 
 from __future__ import annotations
@@ -108,7 +109,8 @@ class MessageCodec:
             self._tensors, self._rrefs = [], []
 
     def decode_payload(self, frames: Sequence[bytes | memoryview]) -> tuple[Any, list[Tensor]]:
-        """The payload, and the tensors in it that require grad."""
+        """The payload, and the tensors in it that required grad on the sender (they arrive
+        as constants until autograd's seam records them)."""
         self._tensors = []
         try:
             return self._payloads.decode_frames(frames), self._tensors
@@ -126,7 +128,8 @@ class MessageCodec:
         data, requires_grad = wire
         t = from_numpy(data)
         if requires_grad:
-            t.requires_grad_(True)
+            # It arrives a constant; autograd's seam makes it require grad, with its
+            # `RecvRpcBackward`, only if the message was recorded in a context.
             self._tensors.append(t)
         return t
 
@@ -292,7 +295,7 @@ class Wire:
     # *** in ***
 
     def decode(self, message: Inbound) -> tuple[Any, list[Tensor]]:
-        """A message's payload, and the tensors in it that require grad."""
+        """A message's payload, and the tensors in it that required grad on the sender."""
         return self._codec.decode_payload(message.frames[1:])
 
     def done(self, message: Inbound) -> None:
