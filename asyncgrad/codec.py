@@ -2,7 +2,8 @@
 
 Allowed: None, bool, int (64-bit), float, str, bytes, list, tuple, dict (any of these as
 keys), numeric and bool numpy arrays and scalars, and the types of registered
-`Extension`s, nested. Anything else raises `TypeError` naming the type and where it sits
+`Extension`s, nested. Anything else raises `UnencodableError` (a `TypeError`) naming the
+type and where it sits, with the path as `steps` for a caller that wrapped the value
 (except bytearray and memoryview, which msgpack packs before any hook: they arrive as bytes).
 Malformed bytes raise `CodecError`, and nothing else. Decoded arrays are read-only views.
 
@@ -22,6 +23,7 @@ one pass: no copy of nested numpy arrays, and no Python recursion.
 
 from __future__ import annotations
 
+import inspect
 import math
 import struct
 from collections.abc import Callable, Sequence
@@ -33,7 +35,7 @@ import numpy as np
 
 from asyncgrad.errors import CodecError
 
-__all__ = ["DEFAULT_MAX_SIZE", "Codec", "Extension", "decode", "encode"]
+__all__ = ["DEFAULT_MAX_SIZE", "Codec", "Extension", "UnencodableError", "decode", "encode"]
 
 DEFAULT_MAX_SIZE: Final = 512 * 1024 * 1024
 
@@ -96,7 +98,35 @@ _TUPLE_TAG: Final = _Tag(msgpack.ExtType(_TUPLE, b""), None)
 
 
 class _Unencodable(Exception):
-    """``(what, rule)`` from the pack hook; `Codec` makes it a TypeError with a path."""
+    """``(what, rule)`` from the pack hook; `Codec` makes it an `UnencodableError`."""
+
+
+# One step down into a value: ("item", index or dict key), ("key", a dict key itself),
+# ("ext", the extension type's name: into what its to_wire made).
+Step = tuple[str, Any]
+
+
+def path_text(steps: Sequence[Step]) -> str:
+    """`steps` as Python-like subscripts: ``[0]['layers']<key 1><Point>``."""
+    return "".join(
+        f"[{key!r}]" if kind == "item" else f"<key {key!r}>" if kind == "key" else f"<{key}>"
+        for kind, key in steps
+    )
+
+
+class UnencodableError(TypeError):
+    """A value that cannot travel: `what` it is, the `steps` from the encoded value down to
+    it, and the `rule` it breaks. A caller that wrapped the user's value in a message of
+    its own words the place with `restated`, from the user's value down."""
+
+    def __init__(self, what: str, steps: Sequence[Step], rule: str) -> None:
+        self.what, self.steps, self.rule = what, tuple(steps), rule
+        super().__init__(f"cannot encode {what} at value{path_text(steps)}: {rule}")
+
+    def restated(self, where: str, rule: str | None = None) -> TypeError:
+        """The builtin TypeError users get: placed by `where` ("at args[0]['w']"), with
+        `rule` if given."""
+        return TypeError(f"cannot encode {self.what} {where}: {rule or self.rule}")
 
 
 class Codec:
@@ -178,8 +208,8 @@ class Codec:
         try:
             body: bytes = packer.pack(value)
         except _Unencodable as e:
-            path, (what, rule) = self._locate(value, e.args)
-            raise TypeError(f"cannot encode {what} at {path}: {rule}") from None
+            steps, (what, rule) = self._locate(value, e.args)
+            raise UnencodableError(what, steps, rule) from None
         except ValueError as e:  # msgpack: nested deeper than it allows, or over 4 GiB
             raise CodecError(f"cannot encode the value: {e}") from e
         size = len(body) + state.out_of_band
@@ -187,22 +217,24 @@ class Codec:
             raise CodecError(f"encoded size {size} bytes exceeds the limit of {self.max_size}")
         return body
 
-    def _locate(self, value: Any, error: tuple[Any, ...]) -> tuple[str, tuple[Any, ...]]:
+    def _locate(self, value: Any, error: tuple[Any, ...]) -> tuple[list[Step], tuple[Any, ...]]:
         """Where the first value msgpack would reject sits, walking in msgpack's order."""
         # Only reached once encoding failed, so the success path never walks the value.
         # Out-of-band packing lets probing a large array cost no copy.
         probe = _Packing(self, [])
-        stack: list[tuple[Any, str, int]] = [(value, "value", 0)]
+        stack: list[tuple[Any, list[Step], int]] = [(value, [], 0)]
         while stack:
             obj, path, depth = stack.pop()
             kind = type(obj)
             if (kind in _NATIVE and (kind is not int or obj in _INT_RANGE)) or depth > _PACK_DEPTH:
                 continue
-            children: list[tuple[Any, str]]
+            children: list[tuple[Any, list[Step]]]
             if kind is list:
-                children = [(x, f"{path}[{i}]") for i, x in enumerate(obj)]
+                children = [(x, [*path, ("item", i)]) for i, x in enumerate(obj)]
             elif kind is dict:
-                pairs = [((k, f"{path}<key {k!r}>"), (v, f"{path}[{k!r}]")) for k, v in obj.items()]
+                pairs = [
+                    ((k, [*path, ("key", k)]), (v, [*path, ("item", k)])) for k, v in obj.items()
+                ]
                 children = [child for pair in pairs for child in pair]
             else:
                 try:
@@ -212,11 +244,11 @@ class Codec:
                 if type(wire) is not list:
                     continue
                 if kind is tuple:
-                    children = [(x, f"{path}[{i}]") for i, x in enumerate(wire[1:])]
+                    children = [(x, [*path, ("item", i)]) for i, x in enumerate(wire[1:])]
                 else:
-                    children = [(wire[1], f"{path}<{kind.__name__}>")]
+                    children = [(wire[1], [*path, ("ext", kind.__name__)])]
             stack.extend((x, p, depth + 1) for x, p in reversed(children))
-        return "value", error
+        return [], error
 
     def _unpack(self, body: bytes | memoryview, frames: list[memoryview]) -> Any:
         """Decode ``body``; ``frames`` is empty, or the flat views of all frames, body first."""
@@ -272,7 +304,10 @@ class _Packing:
         if kind is int:
             what = f"an int out of range ({obj.bit_length()} bits)"
             raise _Unencodable(what, "msgpack ints are -2**63 .. 2**64-1")
-        raise _Unencodable(f"a value of type {kind.__name__!r}", self.codec._allowed)
+        what = f"a value of type {kind.__name__!r}"
+        if inspect.isawaitable(obj):
+            raise _Unencodable(what, f"a {kind.__name__} is not a value: a missing `await`?")
+        raise _Unencodable(what, self.codec._allowed)
 
     def array(self, arr: np.ndarray[Any, Any], flags: int) -> msgpack.ExtType:
         dtype = arr.dtype

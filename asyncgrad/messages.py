@@ -162,6 +162,8 @@ class Call:
     target: int = 0
     method: str = ""
     make_rref: bool = False
+    # The wire fields that hold the caller's values, by the names the caller gave them.
+    VALUE_FIELDS: ClassVar[dict[str, str]] = {"a": "args", "w": "kwargs"}
 
     def to_wire(self) -> dict[str, Any]:
         wire: dict[str, Any] = {"f": self.fn, "a": self.args}
@@ -212,6 +214,7 @@ class Reply:
     value: Any = None
     error: tuple[str, str, str] | None = None
     refused: bool = False
+    VALUE_FIELD: ClassVar[str] = "v"  # the wire field that holds the value
 
     def to_wire(self) -> dict[str, Any]:
         if self.error is None:

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from asyncgrad.codec import DEFAULT_MAX_SIZE, Codec, Extension, decode, encode
+from asyncgrad.codec import DEFAULT_MAX_SIZE, Codec, Extension, UnencodableError, decode, encode
 from asyncgrad.errors import CodecError
 
 DTYPES = [
@@ -317,6 +317,28 @@ def test_unencodable_values_raise_type_error_naming_type_and_path(value: Any, me
         CODEC.encode(value)
     with pytest.raises(TypeError, match=message):
         CODEC.encode_frames(value)
+
+
+async def _pending() -> int:
+    return 1
+
+
+def test_an_awaitable_hints_at_a_missing_await() -> None:
+    pending = _pending()
+    try:
+        with pytest.raises(UnencodableError) as raised:
+            CODEC.encode({"x": [pending]})
+    finally:
+        pending.close()
+    assert str(raised.value) == (
+        "cannot encode a value of type 'coroutine' at value['x'][0]: "
+        "a coroutine is not a value: a missing `await`?"
+    )
+    # What a caller that wrapped the value needs to place it from the user's value down:
+    assert raised.value.steps == (("item", "x"), ("item", 0))
+    restated = raised.value.restated("at kwargs['x'][0]")
+    assert type(restated) is TypeError
+    assert str(restated).startswith("cannot encode a value of type 'coroutine' at kwargs['x'][0]")
 
 
 def test_type_error_names_registered_extensions_and_rejects_subclasses() -> None:

@@ -168,6 +168,35 @@ async def test_names_are_looked_up_never_walked(make_agent: MakeAgent, name: str
     assert CALLS == {"untouched": 1}
 
 
+@pytest.mark.parametrize(
+    ("name", "hint"),
+    [
+        (
+            "mymodule:scale",
+            "decorate it with @rpc.expose in a module the worker imports "
+            "(`asyncgrad worker b --import mymodule`)",
+        ),
+        (
+            "ps.scale",
+            "decorate it with @rpc.expose in a module the worker imports "
+            "(`asyncgrad worker b --import MODULE`)",
+        ),
+        (
+            "__main__:scale",
+            "functions defined in the script being run cannot be called remotely; put them in "
+            "a module both sides import, and start the worker with "
+            "`asyncgrad worker b --import MODULE`",
+        ),
+    ],
+)
+async def test_not_exposed_says_how_to_expose(make_agent: MakeAgent, name: str, hint: str) -> None:
+    a, _ = await make_agent("a"), await make_agent("b")
+    with pytest.raises(ag.RemoteError) as raised:
+        await a.rpc_async("b", name)
+    assert raised.value.remote_type == "NotExposedError"
+    assert raised.value.message == f"{name!r} is not exposed on this worker: {hint}"
+
+
 async def test_importable_but_unexposed_class_runs_nothing(make_agent: MakeAgent) -> None:
     a, _ = await make_agent("a"), await make_agent("b")
     with pytest.raises(ag.RemoteError) as raised:
@@ -309,6 +338,47 @@ async def test_unserialisable_argument_raises_before_sending(
     assert await a.rpc_async("b", f.count, args=(k,)) == 1
 
 
+ALLOWED = "allowed types are None, bool, int"
+
+
+async def test_unserialisable_argument_is_placed_in_the_callers_values(
+    make_agent: MakeAgent,
+) -> None:
+    a, _ = await make_agent("a"), await make_agent("b")
+    model = {"layers": [1, 2, {3}]}
+    set_at = r"cannot encode a value of type 'set' at args\[0\]\['layers'\]\[2\]: " + ALLOWED
+    with pytest.raises(TypeError, match=set_at):
+        await a.rpc_async("b", f.echo, args=(model,))
+    with pytest.raises(TypeError, match=set_at):
+        await a.remote("b", f.echo, args=(model,))
+    box = await a.remote("b", Box, args=(1,))
+    with pytest.raises(TypeError, match=set_at):
+        await box.rpc_async().set(model)
+    with pytest.raises(TypeError, match=r"type 'object' at kwargs\['w'\]\['seed'\]: " + ALLOWED):
+        await a.rpc_async("b", f.describe, kwargs={"w": {"seed": object()}})
+    with pytest.raises(TypeError, match=r"type 'Box' at args\[1\]\['k'\]\[0\]: "):
+        await a.rpc_async("b", f.describe, args=(1, {"k": [Box()]}))
+    with pytest.raises(TypeError, match=r"type 'frozenset' at args\[0\]<key frozenset\(\)>: "):
+        await a.rpc_async("b", f.describe, args=({frozenset(): 1},))
+
+
+async def test_a_coroutine_passed_by_mistake_hints_at_a_missing_await(
+    make_agent: MakeAgent,
+) -> None:
+    a, _ = await make_agent("a"), await make_agent("b")
+    pending = f.mul(2, 3)  # a coroutine: `await` was forgotten
+    try:
+        message = r"^cannot encode a value of type 'coroutine' at args\[0\]: .*a missing `await`\?$"
+        with pytest.raises(TypeError, match=message):
+            await a.rpc_async("b", f.echo, args=(pending,))
+    finally:
+        pending.close()
+    task = asyncio.ensure_future(asyncio.sleep(0))
+    with pytest.raises(TypeError, match=r"'Task' at kwargs\['t'\]: .*a missing `await`\?$"):
+        await a.rpc_async("b", f.describe, kwargs={"t": task})
+    await task
+
+
 async def test_keyword_names_must_be_strings(make_agent: MakeAgent) -> None:
     a, _ = await make_agent("a"), await make_agent("b")
     k = key()
@@ -323,10 +393,25 @@ async def test_unserialisable_result_is_a_remote_type_error(make_agent: MakeAgen
         await a.rpc_async("b", f.unserialisable_result)
     assert raised.value.remote_type == "TypeError"
     assert raised.value.worker == "b"
+    assert raised.value.message.startswith(
+        "cannot encode a value of type 'set' in the return value of "
+        "'tests.rpc_funcs:unserialisable_result', at ['not fine']: " + ALLOWED
+    )
     # An exposed class called with rpc_async returns an instance, which cannot travel.
     with pytest.raises(ag.RemoteError) as raised:
         await a.rpc_async("b", Box, args=(1,))
     assert raised.value.remote_type == "TypeError"
+    assert raised.value.message == (
+        "cannot encode a value of type 'Box' in the return value of 'tests.rpc_funcs:Box': "
+        "an instance of an exposed class stays on the worker that made it: `remote()` makes "
+        "one there and returns an RRef to it"
+    )
+    box = await a.remote("b", Box, args=(1,))
+    with pytest.raises(ag.RemoteError) as raised:
+        await box.rpc_async().child(2)
+    assert raised.value.message.startswith(
+        "cannot encode a value of type 'Box' in the return value of Box.child(): an instance "
+    )
 
 
 # *** errors ***
@@ -470,6 +555,13 @@ async def test_remote_returns_an_rref_held_here(make_agent: MakeAgent) -> None:
     with pytest.raises(ag.RemoteError) as raised:
         await box.to_here()
     assert raised.value.remote_type == "TypeError"
+    assert raised.value.message.startswith(
+        "cannot encode a value of type 'Box' in the value to_here() fetches: to_here() copies "
+        "the value to the caller, so only values that travel can be fetched (" + ALLOWED
+    )
+    assert raised.value.message.endswith(
+        "call the value's methods with `rref.rpc_async().method(...)` instead"
+    )
 
 
 async def test_remote_of_a_function_keeps_its_result_there(make_agent: MakeAgent) -> None:

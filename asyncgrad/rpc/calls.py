@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from asyncgrad.codec import UnencodableError, path_text
 from asyncgrad.errors import (
     CodecError,
     OutcomeUnknown,
@@ -105,7 +106,10 @@ class Calls:
             except TransportError as e:
                 e.may_have_run = False  # Redis out of reach before the call left
                 raise
-        payload = self._wire.encode(call.to_wire())
+        try:
+            payload = self._wire.encode(call.to_wire())
+        except UnencodableError as e:
+            raise _in_arguments(e) from None
         record = self._autograd.outgoing(to, payload.tensors)
         to_run = self._liveness.incarnation(to)
         now_ms = self._wire.transport.redis_now_ms()
@@ -331,3 +335,13 @@ def _expire(future: asyncio.Future[Any]) -> None:
 def _fail(future: asyncio.Future[Any], error: BaseException) -> None:
     if not future.done():
         future.set_exception(error)
+
+
+def _in_arguments(error: UnencodableError) -> TypeError:
+    """`error` placed from the caller's arguments down (`args[0]['layers']`, `kwargs['x']`)
+    rather than from the message that carries them."""
+    if error.steps and error.steps[0][0] == "item":
+        name = Call.VALUE_FIELDS.get(error.steps[0][1])
+        if name is not None:
+            return error.restated(f"at {name}{path_text(error.steps[1:])}")
+    return error

@@ -74,9 +74,28 @@ def names() -> list[str]:
     return sorted(_EXPOSED)
 
 
-def lookup(name: str) -> Any:
-    """The object exposed under `name`, or `NotExposedError`."""
+def lookup(name: str, worker: str = "NAME") -> Any:
+    """The object exposed under `name`, or `NotExposedError` saying how to expose it on
+    `worker` (the name of the agent asked)."""
     try:
         return _EXPOSED[name]
     except KeyError:
-        raise NotExposedError(f"{name!r} is not exposed on this worker") from None
+        raise NotExposedError(
+            f"{name!r} is not exposed on this worker: {_how(name, worker)}"
+        ) from None
+
+
+def _how(name: str, worker: str) -> str:
+    module, colon, _ = name.partition(":")
+    if module == "__main__":
+        # The caller's script runs as __main__ there and nowhere else: no worker imports it.
+        return (
+            "functions defined in the script being run cannot be called remotely; put them "
+            "in a module both sides import, and start the worker with "
+            f"`asyncgrad worker {worker} --import MODULE`"
+        )
+    module = module if colon and module else "MODULE"
+    return (
+        "decorate it with @rpc.expose in a module the worker imports "
+        f"(`asyncgrad worker {worker} --import {module}`)"
+    )

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from types import FunctionType
 from typing import Any
 
+from asyncgrad.codec import UnencodableError, path_text
 from asyncgrad.errors import CodecError, NotExposedError, RpcError, RRefReleased, TransportError
 from asyncgrad.messages import Call, ContextRecord, Header, Kind, Reply
 from asyncgrad.rpc import exposed
@@ -154,7 +155,7 @@ class Server:
         if not call.target:
             if call.fn == UNANSWERED:
                 return self.unanswered
-            return exposed.lookup(call.fn)  # type: ignore[no-any-return]
+            return exposed.lookup(call.fn, self._wire.name)  # type: ignore[no-any-return]
         value = self._references.owned.get(call.target)
         if not call.method:
             return lambda: value
@@ -184,8 +185,37 @@ class Server:
             value = self._make_rref(value)
         try:
             self._reply(header, Reply(value))
+        except UnencodableError as e:
+            self._reply_error(header, call, self._in_result(call, value, e))
         except (TypeError, CodecError) as e:
             self._reply_error(header, call, e)
+
+    def _in_result(self, call: Call, value: Any, error: UnencodableError) -> TypeError:
+        """`error` placed in what the caller asked for, from the result down, with a hint
+        where the usual mistake is known."""
+        steps = error.steps
+        if steps[:1] == (("item", Reply.VALUE_FIELD),):
+            steps = steps[1:]
+        at = f", at {path_text(steps)}" if steps else ""
+        if call.target and not call.method:
+            return error.restated(
+                f"in the value to_here() fetches{at}",
+                "to_here() copies the value to the caller, so only values that travel can "
+                f"be fetched ({error.rule}); call the value's methods with "
+                "`rref.rpc_async().method(...)` instead",
+            )
+        if call.target:
+            owned = self._references.owned.get(call.target)
+            name = f"{type(owned).__name__}.{call.method}()"
+        else:
+            name = repr(call.fn)
+        if not steps and exposed.is_exposed_class(type(value)):
+            return error.restated(
+                f"in the return value of {name}",
+                "an instance of an exposed class stays on the worker that made it: "
+                "`remote()` makes one there and returns an RRef to it",
+            )
+        return error.restated(f"in the return value of {name}{at}")
 
     def _reply_error(self, header: Header, call: Call, error: Exception) -> None:
         logger.debug("event=call_failed fn=%s caller=%s error=%r", call.fn, header.sender, error)
