@@ -972,6 +972,17 @@ async def test_init_in_a_test_whose_fixture_entered_an_agent(
     assert rpc.current_agent() is entered_agent
 
 
+async def test_shutdown_of_an_init_agent_shut_down_elsewhere_gives_back_the_current(
+    redis_url: str, namespace: str
+) -> None:
+    async with Agent("a", redis_url=redis_url, namespace=namespace) as a:
+        b = await rpc.init("b", redis_url=redis_url, namespace=namespace)
+        await asyncio.create_task(b.shutdown())  # another task: this one still has b
+        assert rpc.current_agent() is b
+        await rpc.shutdown()  # b is closed already: it only stops being current here
+        assert rpc.current_agent() is a
+
+
 async def test_init_twice_then_shutdown_in_reverse(redis_url: str, namespace: str) -> None:
     a = await rpc.init("a", redis_url=redis_url, namespace=namespace)
     b = await rpc.init("b", redis_url=redis_url, namespace=namespace)

@@ -228,6 +228,9 @@ class Agent:
         """Stop. Graceful: the calls being served and the calls made finish first (within
         `rpc_timeout`), calls that arrive meanwhile too; a non-graceful shutdown meanwhile
         cuts that wait short. Calls still running then are cancelled."""
+        if self._displaced is not None and current.get() is self:
+            # Whatever state it is in, this agent stops being the one `init` made current.
+            current.set(self._displaced[0])
         lifecycle = self._lifecycle
         if lifecycle.state in ("draining", "closing"):
             if not graceful:
@@ -260,8 +263,6 @@ class Agent:
         self._closed.set()
         if self in process_default:
             process_default.remove(self)
-        if self._displaced is not None and current.get() is self:
-            current.set(self._displaced[0])
         logger.info("event=agent_stopped agent=%s graceful=%s", self.name, graceful)
 
     async def _drain(self) -> None:
