@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import os
 import re
 import shlex
@@ -87,7 +88,7 @@ def _section(title: str) -> str:
 
 def _sections() -> dict[str, list[Block]]:
     sections: dict[str, list[Block]] = {}
-    for part in re.split(r"^## ", README, flags=re.MULTILINE)[1:]:
+    for part in re.split(r"^## ", "## (top)\n" + README, flags=re.MULTILINE)[1:]:
         title = part.split("\n", 1)[0]
         blocks = [
             Block(lang, text)
@@ -203,6 +204,8 @@ def _parse(argv: list[str]) -> None:
     """An `asyncgrad` command line must be one the real CLI accepts."""
     while argv and re.fullmatch(r"\w+=.*", argv[0]):
         argv = argv[1:]
+    # Only the command's own words: up to a pipe or redirection.
+    argv = list(itertools.takewhile(lambda w: not re.fullmatch(r"[|;<>]|\d?>>?\S*|\|\|", w), argv))
     if not argv or argv[0] != "asyncgrad":
         return
     errors = io.StringIO()
@@ -214,19 +217,24 @@ def _parse(argv: list[str]) -> None:
                 pytest.fail(f"the CLI refuses {shlex.join(argv)!r}: {errors.getvalue()}")
 
 
-def _commands(script: str) -> Iterator[list[str]]:
-    """Each command of a bash block, as words (comments dropped), split at `&&`."""
+def _commands(script: str) -> Iterator[tuple[list[str], str]]:
+    """Each command of a bash block, as words (comments dropped), split at `&&`, and as the
+    text bash runs (the line itself when it is one command: pipes and quotes kept)."""
     for line in script.replace("\\\n", " ").splitlines():
         words = shlex.split(line, comments=True)
+        if "&&" not in words:
+            if words:
+                yield words, line
+            continue
         while words:
             end = words.index("&&") if "&&" in words else len(words)
-            yield words[:end]
+            yield words[:end], shlex.join(words[:end])
             words = words[end + 1 :]
 
 
 def _run_bash(shell: Shell, script: str) -> None:
     parse_only: str | None = None
-    for argv in _commands(script):
+    for argv, text in _commands(script):
         command = " ".join(argv)
         reason = parse_only or _parse_only_reason(command)
         if reason:
@@ -247,7 +255,7 @@ def _run_bash(shell: Shell, script: str) -> None:
             shell.start(command, argv[:-1], r"event=worker_serving")
         else:
             _parse(argv)
-            _run(shell, ["bash", "-c", shlex.join(argv)], command)
+            _run(shell, ["bash", "-c", text], command)
 
 
 def _export(shell: Shell, assignments: list[str]) -> None:
