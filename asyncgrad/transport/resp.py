@@ -34,6 +34,7 @@ __all__ = [
     "DEFAULT_URL",
     "Connection",
     "ConnectionLost",
+    "NotRedis",
     "RedisAddress",
     "ReplyError",
     "SyncConnection",
@@ -53,6 +54,10 @@ _pack = cast(Callable[[tuple[Arg, ...]], bytes], hiredis.pack_command)
 
 class ConnectionLost(TransportError):
     """The connection to Redis closed or could not be made."""
+
+
+class NotRedis(ConnectionLost):
+    """The server answered with something that is not RESP (an HTTP server, say)."""
 
 
 class ReplyError(TransportError):
@@ -252,7 +257,17 @@ class Connection(asyncio.Protocol):
         except (OSError, TimeoutError, ssl.SSLError, ReplyError, ConnectionLost) as e:
             if isinstance(e, ReplyError):
                 raise ConnectionLost(f"Redis at {address} refused the login: {e}") from e
-            raise ConnectionLost(f"cannot connect to Redis at {address}: {e}") from e
+            if isinstance(e, NotRedis):
+                raise NotRedis(f"{address} {e}; check the URL's host and port") from e
+            if isinstance(e, TimeoutError) and conn is not None:
+                # The port accepted the connection, but nothing answered the login: not a
+                # Redis (or one stalled); an empty "cannot connect" said neither.
+                raise ConnectionLost(
+                    f"connected to {address} but got no answer within {connect_timeout:g} s "
+                    "(not a Redis server?); check the URL's host and port"
+                ) from e
+            reason = str(e) or type(e).__name__
+            raise ConnectionLost(f"cannot connect to Redis at {address}: {reason}") from e
         finally:
             if conn is not None and not opened:  # the login failed, or was cancelled
                 conn.close()
@@ -269,7 +284,12 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         reader, waiters = self._reader, self._waiters
         reader.feed(data)
-        while (reply := reader.gets()) is not False:
+        while (reply := _next_reply(reader, data)) is not False:
+            if isinstance(reply, NotRedis):
+                self._lost = reply
+                if self._transport is not None:
+                    self._transport.abort()  # connection_lost fails the waiters with it
+                return
             waiter = waiters.popleft()
             if waiter is None:
                 continue
@@ -283,9 +303,10 @@ class Connection(asyncio.Protocol):
                 waiter(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._lost = ConnectionLost(
-            f"connection {self.name or ''} to Redis lost" + (f": {exc}" if exc else "")
-        )
+        if not isinstance(self._lost, NotRedis):
+            self._lost = ConnectionLost(
+                f"connection {self.name or ''} to Redis lost" + (f": {exc}" if exc else "")
+            )
         self._transport = None
         waiters, self._waiters = self._waiters, collections.deque()
         for waiter in waiters:
@@ -369,6 +390,8 @@ class SyncConnection:
                 sock.close()
             if isinstance(e, ReplyError):
                 raise ConnectionLost(f"Redis at {address} refused the login: {e}") from e
+            if isinstance(e, NotRedis):
+                raise NotRedis(f"{address} {e}; check the URL's host and port") from e
             if isinstance(e, ConnectionLost):
                 raise
             raise ConnectionLost(f"cannot connect to Redis at {address}: {e}") from e
@@ -376,16 +399,28 @@ class SyncConnection:
     def execute(self, *args: Arg) -> Any:
         try:
             self._sock.sendall(_pack(args))
-            while (reply := self._reader.gets()) is False:
+            data = b""
+            while (reply := _next_reply(self._reader, data)) is False:
                 data = self._sock.recv(65536)
                 if not data:
                     raise ConnectionLost("Redis closed the connection")
                 self._reader.feed(data)
         except OSError as e:
             raise ConnectionLost(f"Redis connection failed: {e}") from e
-        if isinstance(reply, ReplyError):
+        if isinstance(reply, (ReplyError, NotRedis)):
             raise reply
         return reply
 
     def close(self) -> None:
         self._sock.close()
+
+
+def _next_reply(reader: hiredis.Reader, data: bytes) -> Any:
+    """The next reply parsed (False: none yet), or `NotRedis` with what came instead."""
+    try:
+        return reader.gets()
+    except hiredis.ProtocolError:
+        first = data.split(b"\r\n", 1)[0].split(b"\n", 1)[0][:60]
+        return NotRedis(
+            f"answered with something that is not Redis: {first.decode(errors='replace')!r}"
+        )
