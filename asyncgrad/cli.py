@@ -199,8 +199,7 @@ def _redis_url(args: argparse.Namespace) -> str:
         shown = _without_password(url)
         reason = str(e).replace(repr(url), "").replace(url, shown).lstrip(": ")
         raise UsageError(
-            f"{source} {shown!r} is not a Redis URL: {reason} "
-            "(expected e.g. redis://HOST:6379/0; see --help)"
+            f"{source} {shown!r} is not a Redis URL: {reason}; e.g. redis://HOST:6379/0"
         ) from e
     return str(url)
 

@@ -52,7 +52,12 @@ def resolve_job(spec: str) -> Job:
     try:
         import_modules([module])
     except ImportError as e:
-        raise JobError(f"{e} (run from the directory that holds it, or install it)") from e
+        cause = e.__cause__
+        missing = isinstance(cause, ModuleNotFoundError) and f"{module}.".startswith(
+            f"{cause.name}."
+        )
+        hint = " (run from the directory that holds it, or install it)" if missing else ""
+        raise JobError(f"{e}{hint}") from e
     loaded = importlib.import_module(module)
     target: Any = loaded
     for part in function.split("."):
