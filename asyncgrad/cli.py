@@ -37,6 +37,9 @@ class UsageError(Exception):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the `asyncgrad` command line and return its exit code."""
+    # From here on, a Ctrl-C unwinds (KeyboardInterrupt): what started is stopped below.
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     args = _parser().parse_args(argv)
     _configure_logging(args.verbose, getattr(args, "lifecycle_logs", True))
     run: Command = args.run

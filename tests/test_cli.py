@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import IO
 
 import pytest
@@ -266,3 +267,29 @@ def test_an_http_port_says_what_answered_in_one_line(http_port: int) -> None:
         start = f"asyncgrad: error: 127.0.0.1:{http_port}/0 answered with something that is not "
         assert line.startswith(start + 'Redis: "HTTP/1.0 400 Bad request syntax'), (name, line)
         assert line.endswith("; check the URL's host and port"), line
+
+
+# *** Ctrl-C ***
+
+
+@pytest.mark.parametrize("entry", ["module", "script"])
+def test_ctrl_c_while_the_command_imports_exits_130_in_one_line(entry: str) -> None:
+    """Python's import log (-X importtime) says when numpy is imported: a Ctrl-C then
+    lands inside the package's imports, where it used to print a traceback from numpy."""
+    script = Path(sys.executable).with_name("asyncgrad")
+    command = ["-m", "asyncgrad"] if entry == "module" else [str(script)]
+    with subprocess.Popen(
+        [sys.executable, "-X", "importtime", *command, "demo", "--steps", "5"],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=ROOT,
+    ) as cli:  # fmt: skip
+        try:
+            assert cli.stderr is not None
+            for line in cli.stderr:
+                if line.split("|")[-1].strip() == "numpy":
+                    cli.send_signal(signal.SIGINT)
+                    break
+            rest = [li for li in cli.stderr if not li.startswith("import time:")]
+            assert cli.wait(5) == 130
+        finally:
+            cli.kill()
+    assert rest == ["asyncgrad: interrupted while starting\n"]

@@ -34,7 +34,6 @@ __all__ = [
     "DEFAULT_URL",
     "Connection",
     "ConnectionLost",
-    "NotRedis",
     "RedisAddress",
     "ReplyError",
     "SyncConnection",
@@ -54,10 +53,6 @@ _pack = cast(Callable[[tuple[Arg, ...]], bytes], hiredis.pack_command)
 
 class ConnectionLost(TransportError):
     """The connection to Redis closed or could not be made."""
-
-
-class NotRedis(ConnectionLost):
-    """The server answered with something that is not RESP (an HTTP server, say)."""
 
 
 class ReplyError(TransportError):
@@ -257,8 +252,8 @@ class Connection(asyncio.Protocol):
         except (OSError, TimeoutError, ssl.SSLError, ReplyError, ConnectionLost) as e:
             if isinstance(e, ReplyError):
                 raise ConnectionLost(f"Redis at {address} refused the login: {e}") from e
-            if isinstance(e, NotRedis):
-                raise NotRedis(f"{address} {e}; check the URL's host and port") from e
+            if str(e).startswith(_NOT_REDIS):
+                raise ConnectionLost(f"{address} {e}; check the URL's host and port") from e
             if isinstance(e, TimeoutError) and conn is not None:
                 # The port accepted the connection, but nothing answered the login: not a
                 # Redis (or one stalled); an empty "cannot connect" said neither.
@@ -285,8 +280,8 @@ class Connection(asyncio.Protocol):
         reader, waiters = self._reader, self._waiters
         reader.feed(data)
         while (reply := _next_reply(reader, data)) is not False:
-            if isinstance(reply, NotRedis):
-                self._lost = reply
+            if isinstance(reply, _NotRedis):
+                self._lost = ConnectionLost(str(reply))
                 if self._transport is not None:
                     self._transport.abort()  # connection_lost fails the waiters with it
                 return
@@ -303,7 +298,7 @@ class Connection(asyncio.Protocol):
                 waiter(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if not isinstance(self._lost, NotRedis):
+        if self._lost is None or not str(self._lost).startswith(_NOT_REDIS):
             self._lost = ConnectionLost(
                 f"connection {self.name or ''} to Redis lost" + (f": {exc}" if exc else "")
             )
@@ -390,8 +385,8 @@ class SyncConnection:
                 sock.close()
             if isinstance(e, ReplyError):
                 raise ConnectionLost(f"Redis at {address} refused the login: {e}") from e
-            if isinstance(e, NotRedis):
-                raise NotRedis(f"{address} {e}; check the URL's host and port") from e
+            if str(e).startswith(_NOT_REDIS):
+                raise ConnectionLost(f"{address} {e}; check the URL's host and port") from e
             if isinstance(e, ConnectionLost):
                 raise
             raise ConnectionLost(f"cannot connect to Redis at {address}: {e}") from e
@@ -407,7 +402,9 @@ class SyncConnection:
                 self._reader.feed(data)
         except OSError as e:
             raise ConnectionLost(f"Redis connection failed: {e}") from e
-        if isinstance(reply, (ReplyError, NotRedis)):
+        if isinstance(reply, _NotRedis):
+            raise ConnectionLost(str(reply))
+        if isinstance(reply, ReplyError):
             raise reply
         return reply
 
@@ -415,12 +412,18 @@ class SyncConnection:
         self._sock.close()
 
 
+class _NotRedis(str):
+    """What `_next_reply` returns when the bytes are not RESP: a description of them."""
+
+
+# How that description begins (a connection lost for that reason is told by it).
+_NOT_REDIS = "answered with something that is not Redis"
+
+
 def _next_reply(reader: hiredis.Reader, data: bytes) -> Any:
-    """The next reply parsed (False: none yet), or `NotRedis` with what came instead."""
+    """The next reply parsed (False: none yet), or `_NotRedis` saying what came instead."""
     try:
         return reader.gets()
     except hiredis.ProtocolError:
         first = data.split(b"\r\n", 1)[0].split(b"\n", 1)[0][:60]
-        return NotRedis(
-            f"answered with something that is not Redis: {first.decode(errors='replace')!r}"
-        )
+        return _NotRedis(f"{_NOT_REDIS}: {first.decode(errors='replace')!r}")
