@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from asyncgrad import transport
 from asyncgrad.local_cluster import LocalCluster
 from asyncgrad.rpc import Agent
+from asyncgrad.transport.resp import RedisAddress
 from asyncgrad.worker import import_modules, run_loop
 
 __all__ = ["DEMO_WORKERS", "JobError", "parse_spawns", "resolve_job", "run_demo", "run_job"]
@@ -112,7 +115,15 @@ def _name_of(job: Job) -> str:
 
 
 def run_demo(redis_url: str | None, namespace: str | None, steps: int) -> int:
-    """The whole main job on an embedded Redis (or `redis_url`), with no setup."""
+    """The whole main job on an embedded Redis, or on `redis_url`, where it leaves no key
+    once it ends: it started every agent of its namespace (a fresh one by default)."""
     from asyncgrad.workloads import demo
 
-    return run_job(demo.main, redis_url, namespace, "job", DEMO_WORKERS, steps=steps)
+    namespace = namespace or f"demo-{uuid.uuid4().hex[:8]}"
+    code = run_job(demo.main, redis_url, namespace, "job", DEMO_WORKERS, steps=steps)
+    if redis_url is not None:
+        # Messages that reached a worker while it closed (releases, goodbyes) kept its
+        # inbox: nobody reads them now.
+        address = RedisAddress.from_url(redis_url)
+        run_loop(transport.forget(address, namespace, [*DEMO_WORKERS, "job"]))
+    return code

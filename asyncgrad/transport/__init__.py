@@ -57,6 +57,7 @@ __all__ = [
     "TransportSettings",
     "check_name",
     "dead_letters",
+    "forget",
     "heartbeat",
     "heartbeat_fields",
     "inbox",
@@ -294,6 +295,26 @@ class Transport:
                 if attempt == _READ_ATTEMPTS:
                     raise
         raise AssertionError("unreachable")
+
+
+async def forget(address: RedisAddress, namespace: str, names: Sequence[str]) -> None:
+    """Delete what the named agents left in Redis once stopped (an inbox that messages
+    reached while it closed, dead letters, the registry entry): for a caller that started
+    every agent of `namespace` itself and reads nothing of theirs again (`asyncgrad demo`).
+    An agent that is live again under one of the names keeps everything."""
+    conn = await connect(address, name=f"asyncgrad:{namespace}:forget")
+    try:
+        for name in names:
+            if await conn.execute("EXISTS", heartbeat(namespace, name)):
+                continue
+            agent_id = await conn.execute("HGET", registry(namespace), f"n:{name}")
+            if agent_id is not None:
+                await conn.execute("EVAL", UNREGISTER, 1, registry(namespace), name, agent_id)
+            for key in (inbox(namespace, name), dead_letters(namespace, name)):
+                await conn.execute("DEL", key)
+            await conn.execute("DEL", seen(namespace, name))
+    finally:
+        conn.close()
 
 
 async def live_namespaces(address: RedisAddress) -> list[str] | None:
