@@ -56,7 +56,8 @@ def dead_letters(namespace: str, agent: str) -> str:
 
 def registry(namespace: str) -> str:
     """A hash: `n:NAME` -> id and `i:ID` -> name, for every agent started and not stopped
-    cleanly (a crashed one stays, with its inbox, until its name starts again)."""
+    cleanly (a crashed one stays, with its inbox, until an agent of that name starts and
+    stops cleanly; `asyncgrad status` lists it as gone for a while, by its `seen` key)."""
     return f"{namespace}:registry"
 
 
