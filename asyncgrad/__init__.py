@@ -9,8 +9,12 @@ array([2., 4.], dtype=float32)
 
 from __future__ import annotations
 
-from asyncgrad import dist_autograd, nn, optim, rpc
-from asyncgrad.errors import (
+from asyncgrad import startup
+
+startup.while_starting()  # before the imports below (numpy's take a few tenths of a second)
+
+from asyncgrad import dist_autograd, nn, optim, rpc  # noqa: E402
+from asyncgrad.errors import (  # noqa: E402
     AgentNameTaken,
     AsyncgradError,
     CodecError,
@@ -24,8 +28,8 @@ from asyncgrad.errors import (
     TransportError,
     WorkerUnavailable,
 )
-from asyncgrad.graph import is_grad_enabled, no_grad
-from asyncgrad.tensor import Tensor, cat, ones, randn, stack, tensor, zeros
+from asyncgrad.graph import is_grad_enabled, no_grad  # noqa: E402
+from asyncgrad.tensor import Tensor, cat, ones, randn, stack, tensor, zeros  # noqa: E402
 
 __version__ = "0.1.0"
 

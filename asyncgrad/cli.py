@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import signal
 import sys
@@ -18,25 +19,38 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
+from urllib.parse import urlsplit
 
 from asyncgrad.embedded import EmbeddedRedis, EmbeddedRedisError, PortInUse
 
-__all__ = ["main"]
+__all__ = ["UsageError", "main"]
 
 logger = logging.getLogger(__name__)
 
 Command = Callable[[argparse.Namespace], int]
 
 
+class UsageError(Exception):
+    """Bad usage found once the arguments parsed (a malformed URL, a job that is not one):
+    exit 2, like argparse's own errors, with one line."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the `asyncgrad` command line and return its exit code."""
+    # From here on, a Ctrl-C unwinds (KeyboardInterrupt): what started is stopped below.
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     args = _parser().parse_args(argv)
     _configure_logging(args.verbose, getattr(args, "lifecycle_logs", True))
     run: Command = args.run
     try:
         return run(args)
     except KeyboardInterrupt:
+        print(f"asyncgrad: interrupted: {_stopped(args)}", file=sys.stderr)
         return 130
+    except UsageError as e:
+        print(f"asyncgrad {args.command}: error: {e}", file=sys.stderr)
+        return 2
     except Exception as e:  # the one place a command's failure is finally handled
         if args.debug:
             traceback.print_exc()
@@ -57,11 +71,11 @@ def _parser() -> argparse.ArgumentParser:
 
     def command(name: str, run: Command, summary: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, parents=[common], help=summary, description=summary)
-        sub.set_defaults(run=run)
+        sub.set_defaults(run=run, command=name)
         return sub
 
     up = command("up", _up, "run an embedded Redis in the foreground and print its URL")
-    up.add_argument("--port", type=int, default=6379, help="TCP port; 0 picks a free one")
+    up.add_argument("--port", type=_port, default=6379, help="TCP port; 0 picks a free one")
 
     worker = command("worker", _worker, "serve exposed functions until SIGINT/SIGTERM")
     worker.add_argument("name", help="the worker's name, unique in its namespace")
@@ -79,7 +93,11 @@ def _parser() -> argparse.ArgumentParser:
         help="what a holder unreachable this long held here is freed (default 300)",
     )  # fmt: skip
 
-    run = command("run", _run, "run a job: the coroutine MODULE:FUNCTION(agent)")
+    run = command(
+        "run", _run,
+        "run a job: MODULE:FUNCTION(agent), a coroutine function or a plain one; "
+        "an int it returns is the exit code",
+    )  # fmt: skip
     run.set_defaults(lifecycle_logs=False)
     run.add_argument("job", metavar="MODULE:FUNCTION")
     _connection_options(run)
@@ -92,12 +110,30 @@ def _parser() -> argparse.ArgumentParser:
     status = command("status", _status, "live workers, heartbeat age, inbox backlog, open contexts")
     status.set_defaults(lifecycle_logs=False)
     _connection_options(status)
+    status.add_argument(
+        "--json", action="store_true",
+        help='one JSON object: {"namespace": ..., "workers": [{"name", "id", "alive", ...}]}',
+    )  # fmt: skip
+    status.add_argument(
+        "--watch", action="store_true",
+        help="refresh until Ctrl-C, with the messages each agent receives per second",
+    )  # fmt: skip
+    status.add_argument(
+        "--interval", type=_positive, default=1.0, metavar="SECONDS",
+        help="with --watch: seconds between refreshes (default 1)",
+    )  # fmt: skip
+    status.add_argument(
+        "--gone-for", type=_positive, default=300.0, metavar="SECONDS",
+        help="list a crashed agent this long after it was last seen (default 300)",
+    )  # fmt: skip
 
     demo = command("demo", _demo, "train an MLP: a parameter server and two trainers")
     demo.set_defaults(lifecycle_logs=False)
     demo.add_argument("--redis", metavar="URL", help="use this Redis (default: an embedded one)")
     demo.add_argument("--namespace", default=None, help="default: a fresh one")
-    demo.add_argument("--steps", type=int, default=300, help="steps per trainer (default 300)")
+    demo.add_argument(
+        "--steps", type=_positive_int, default=300, help="steps per trainer (default 300)"
+    )
 
     bench = command("bench", _bench, "run the benchmark workloads of BENCH.md")
     bench.set_defaults(lifecycle_logs=False)
@@ -122,10 +158,25 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _positive(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text!r}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, not {text!r}")
+    return int(text)
+
+
+def _port(text: str) -> int:
+    if not text.strip().isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port, 0-65535, not {text!r}")
+    return int(text)
 
 
 def _connection_options(parser: argparse.ArgumentParser) -> None:
@@ -139,9 +190,53 @@ def _connection_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _redis_url(args: argparse.Namespace) -> str:
-    from asyncgrad.rpc.agent import default_redis_url
+    """The URL of `--redis`, else of $ASYNCGRAD_REDIS_URL, else the default; a malformed
+    one is bad usage."""
+    from asyncgrad.transport.resp import DEFAULT_URL, RedisAddress
 
-    return str(args.redis or default_redis_url())
+    url = args.redis or os.environ.get("ASYNCGRAD_REDIS_URL") or DEFAULT_URL
+    try:
+        RedisAddress.from_url(url)
+    except ValueError as e:
+        source = "--redis" if args.redis else "$ASYNCGRAD_REDIS_URL"
+        shown = _without_password(url)
+        reason = str(e).replace(repr(url), "").replace(url, shown).lstrip(": ")
+        raise UsageError(
+            f"{source} {shown!r} is not a Redis URL: {reason}; e.g. redis://HOST:6379/0"
+        ) from e
+    return str(url)
+
+
+def _without_password(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return url.replace(f":{parts.password}@", ":***@", 1)
+
+
+def _where(args: argparse.Namespace, url: str) -> str:
+    """Where a command looked, for a message: the URL without its password, and a hint
+    when it is the default because neither --redis nor $ASYNCGRAD_REDIS_URL gave one."""
+    from asyncgrad.transport.resp import RedisAddress
+
+    where = f"namespace {args.namespace!r} at {RedisAddress.from_url(url)}"
+    if not args.redis and not os.environ.get("ASYNCGRAD_REDIS_URL"):
+        where += " (the default Redis: pass --redis URL or export ASYNCGRAD_REDIS_URL)"
+    return where
+
+
+def _stopped(args: argparse.Namespace) -> str:
+    """What a Ctrl-C stopped, for its one line."""
+    if args.command == "run":
+        spawned = ", ".join(getattr(args, "spawn_names", []))
+        workers = f" and the workers it started ({spawned})" if spawned else ""
+        return f"stopped job {args.name!r}{workers}"
+    if args.command == "demo":
+        redis = "" if args.redis else " and its Redis"
+        return f"stopped the demo's job, its workers ps, trainer1, trainer2{redis}"
+    if args.command == "worker":
+        return f"stopped worker {args.name!r} before it served"
+    return f"stopped {args.command}"
 
 
 def _global_options(parser: argparse.ArgumentParser, default: object) -> None:
@@ -190,19 +285,23 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from asyncgrad.job import parse_spawns, run_job
+    from asyncgrad.job import JobError, parse_spawns, resolve_job, run_job
 
-    module, _, function = args.job.partition(":")
-    if not module or not function:
-        raise ValueError(f"expected MODULE:FUNCTION, got {args.job!r}")
-    return run_job(
-        module, function, _redis_url(args), args.namespace, args.name, parse_spawns(args.spawn)
-    )
+    url = _redis_url(args)
+    try:
+        spawns = parse_spawns(args.spawn)
+        args.spawn_names = list(spawns)
+        job = resolve_job(args.job)
+        return run_job(job, url, args.namespace, args.name, spawns)
+    except JobError as e:
+        raise UsageError(str(e)) from e
 
 
 def _demo(args: argparse.Namespace) -> int:
     from asyncgrad.job import run_demo
 
+    if args.redis:
+        _redis_url(args)
     return run_demo(args.redis, args.namespace, args.steps)
 
 
@@ -210,8 +309,19 @@ def _status(args: argparse.Namespace) -> int:
     from asyncgrad import status
     from asyncgrad.worker import run_loop
 
-    rows = run_loop(status.collect(_redis_url(args), args.namespace))
-    status.render(rows, args.namespace)
+    url = _redis_url(args)
+    if args.watch:
+        with contextlib.suppress(KeyboardInterrupt):  # how a watch ends
+            run_loop(status.watch(url, args.namespace, args.interval, args.gone_for, args.json))
+        return 0
+    rows = run_loop(status.collect(url, args.namespace, args.gone_for))
+    if args.json:
+        status.render_json(rows, args.namespace, sys.stdout)
+    else:
+        status.render(rows, args.namespace)
+    if not rows:
+        hint = run_loop(status.elsewhere(url, args.namespace))
+        print(f"asyncgrad status: no agents in {_where(args, url)}{hint}", file=sys.stderr)
     return 0
 
 

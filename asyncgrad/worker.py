@@ -4,7 +4,8 @@
 
 `serve()` is the async loop (for tests and embedding, with `handle_signals=False`);
 `run()` is the sync entry of the CLI. The first SIGINT/SIGTERM drains (calls being served
-and made finish), a second one stops at once.
+and made finish) and exits 0; a second one stops at once, without draining, and exits
+128 + its number (143 for SIGTERM, 130 for SIGINT), like a process killed by it.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class Worker:
         self.started = asyncio.Event()
         self._stop: asyncio.Event | None = None
         self._graceful = True
+        self.forced_by: signal.Signals | None = None  # the signal that cut the drain short
         self._draining: asyncio.Future[None] | None = None
         self._hurry: asyncio.Future[None] | None = None
 
@@ -93,7 +95,14 @@ class Worker:
             if self.handle_signals:
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     loop.remove_signal_handler(sig)
-        logger.info("event=worker_stopped worker=%s", self.name)
+        if self._graceful:
+            logger.info("event=worker_stopped worker=%s", self.name)
+        else:
+            # Calls being served or made were cut short: an operator should know.
+            signame = self.forced_by.name if self.forced_by else "-"
+            logger.warning(
+                "event=worker_stopped worker=%s drained=False signal=%s", self.name, signame
+            )
 
     def stop(self, graceful: bool = True) -> None:
         """Ask `serve()` to return: after draining, or (graceful=False) at once."""
@@ -107,9 +116,14 @@ class Worker:
     def _on_signal(self, sig: signal.Signals) -> None:
         again = self._stop is not None and self._stop.is_set()
         logger.info("event=signal worker=%s signal=%s", self.name, sig.name)
+        if again and self.forced_by is None:
+            self.forced_by = sig
         self.stop(graceful=not again)
 
     def run(self) -> int:
-        """Serve in a new event loop; the exit code (0 after a clean stop)."""
+        """Serve in a new event loop; the exit code: 0 after a clean stop (drained), else
+        128 + the number of the signal that cut the drain short."""
         run_loop(self.serve())
+        if self.forced_by is not None:
+            return 128 + int(self.forced_by)
         return 0

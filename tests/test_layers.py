@@ -81,6 +81,7 @@ LAYER_OF = {
     "bench.scale": "app",
     "bench.soak": "app",
     "cli": "app",
+    "startup": "app",
     "__main__": "app",
     "__init__": "app",
 }

@@ -28,9 +28,11 @@ from asyncgrad.transport import (
     TransportSettings,
     check_name,
     dead_letters,
+    forget,
     heartbeat,
     inbox,
     registry,
+    seen,
 )
 from asyncgrad.transport.resp import (
     Connection,
@@ -574,10 +576,47 @@ async def test_close_leaves_no_thread_task_or_key_behind(
     assert set(threading.enumerate()) <= threads
     assert asyncio.all_tasks() == {asyncio.current_task()}
     # The acks went out before the end, so the inbox was empty and went too.
-    assert await redis_client.exists(inbox(namespace, "b"), heartbeat(namespace, "b")) == 0
-    assert await redis_client.hget(registry(namespace), "n:b") == b"0"  # the id stays b's
+    keys = (inbox(namespace, "b"), heartbeat(namespace, "b"), seen(namespace, "b"))
+    assert await redis_client.exists(*keys) == 0
+    # Nor its registry entry: `asyncgrad status` lists it no more.
+    assert await redis_client.exists(registry(namespace)) == 0
     with pytest.raises(TransportError, match="closed"):
         t.send("b", [b"h", b"p"])
+
+
+async def test_close_keeps_the_registry_entry_of_the_run_that_holds_the_name_now(
+    redis_url: str, redis_client: aredis.Redis, namespace: str
+) -> None:
+    t = Transport(RedisAddress.from_url(redis_url), namespace, "b", Mailbox())
+    agent_id = await t.start()
+    # Its heartbeat lapsed (say, Redis was out of reach) and a new run of "b" took the name
+    # (with the same id, from the registry) before this run's cleanup.
+    await redis_client.set(heartbeat(namespace, "b"), f"run=other id={agent_id} t=1", px=60_000)
+    await t.close()
+    assert await redis_client.hget(registry(namespace), "n:b") == str(agent_id).encode()
+    assert await redis_client.hget(registry(namespace), f"i:{agent_id}") == b"b"
+    assert (await redis_client.get(heartbeat(namespace, "b"))).startswith(b"run=other ")
+
+
+async def test_forget_deletes_what_stopped_agents_left_and_keeps_a_live_ones_keys(
+    redis_url: str, redis_client: aredis.Redis, namespace: str
+) -> None:
+    address = RedisAddress.from_url(redis_url)
+    live = Transport(address, namespace, "live", Mailbox())
+    await live.start()
+    gone = Transport(address, namespace, "gone", Mailbox())
+    await gone.start()
+    await gone.close()
+    # A message reached "gone" while it closed: its inbox stayed; a dead letter too.
+    await redis_client.xadd(inbox(namespace, "gone"), {b"late": b"release"})
+    await redis_client.xadd(dead_letters(namespace, "gone"), {b"why": b"test"})
+    await redis_client.hset(registry(namespace), mapping={"n:gone": 7, "i:7": "gone"})
+    await forget(address, namespace, ["gone", "live"])
+    assert await redis_client.keys(f"{namespace}:{{gone}}:*") == []
+    assert set(await redis_client.hkeys(registry(namespace))) == {b"n:live", b"i:0"}
+    assert await redis_client.exists(heartbeat(namespace, "live"), inbox(namespace, "live")) == 2
+    await live.close()
+    assert await redis_client.keys(f"{namespace}:*") == []
 
 
 async def test_close_while_redis_is_gone_fails_what_waits_and_leaves_nothing(

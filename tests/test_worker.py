@@ -4,8 +4,11 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import os
 import random
+import re
 import select
 import signal
 import socket
@@ -21,13 +24,23 @@ import msgpack
 import pytest
 import redis
 import redis.asyncio as aredis
+from rich.console import Console
 
 from asyncgrad import dist_autograd, rpc, status
 from asyncgrad.cli import main
 from asyncgrad.codec import decode
 from asyncgrad.errors import AsyncgradError, OutcomeUnknown, RemoteError, WorkerUnavailable
 from asyncgrad.rpc import Agent
-from asyncgrad.transport import GROUP, Inbound, Transport, dead_letters, heartbeat, inbox
+from asyncgrad.transport import (
+    GROUP,
+    Inbound,
+    Transport,
+    dead_letters,
+    heartbeat,
+    inbox,
+    registry,
+    seen,
+)
 from asyncgrad.transport.resp import RedisAddress
 from tests import worker_funcs  # noqa: F401  (exposes test.echo in this process too)
 from tests.conftest import DEADLINE, ROOT, WorkerProcess, eventually, own_namespace, redis_py
@@ -180,8 +193,10 @@ async def test_a_signal_drains_the_call_in_flight_then_exits_0(
     assert by_event["worker_serving"]["pid"] == str(worker.pid)
     assert by_event["signal"]["signal"] == signum.name
     assert by_event["worker_draining"]["graceful"] == "True"
-    # It left cleanly: no heartbeat, no inbox.
-    assert await redis_client.exists(inbox(namespace, "w"), heartbeat(namespace, "w")) == 0
+    # It left cleanly: no heartbeat, no inbox, no registry entry (status lists it no more).
+    keys = (inbox(namespace, "w"), heartbeat(namespace, "w"), seen(namespace, "w"))
+    assert await redis_client.exists(*keys) == 0
+    assert set(await redis_client.hkeys(registry(namespace))) == {b"n:caller", b"i:1"}
     assert [i.name for i in await caller.workers()] == ["caller"]
 
 
@@ -201,11 +216,16 @@ async def test_a_second_signal_stops_without_waiting_for_the_drain(
     await line_with(worker, read_line, "event=worker_draining")
     stopping_at = time.monotonic()
     worker.process.send_signal(signal.SIGTERM)
-    assert await asyncio.to_thread(exit_code, worker) == 0
+    # It did not drain: not a clean stop, so not 0 (128 + SIGTERM, as if killed by it).
+    assert await asyncio.to_thread(exit_code, worker) == 128 + signal.SIGTERM
     assert time.monotonic() - stopping_at < DEADLINE
-    events = [fields_of(line)["event"] for line in rest_of_log(worker)]
+    lines = [fields_of(line) for line in rest_of_log(worker)]
     expected = [*LIFECYCLE[:5], "signal", "agent_stopped", "worker_stopped"]
-    assert [e for e in events if e in LIFECYCLE] == expected
+    assert [f["event"] for f in lines if f["event"] in LIFECYCLE] == expected
+    stopped = next(f for f in lines if f["event"] == "worker_stopped")
+    assert (stopped["level"], stopped["drained"], stopped["signal"]) == (
+        "WARNING", "False", "SIGTERM",
+    )  # fmt: skip
     with pytest.raises(WorkerUnavailable):  # its heartbeat is gone: the caller learns at once
         await asyncio.wait_for(call, DEADLINE)
 
@@ -600,7 +620,8 @@ async def test_status_shows_the_contexts_open_on_each_agent(
     make_agent: Any, redis_url: str, namespace: str
 ) -> None:
     """Each agent publishes its count at every heartbeat (every 0.15 s here); leaving a
-    context releases it on the worker it reached too."""
+    context releases it on the worker it reached too. An agent that stopped cleanly is
+    not listed."""
     await make_agent("w", failure_timeout=1.0)
     gone = await make_agent("gone", failure_timeout=1.0)
     await gone.shutdown()
@@ -613,21 +634,144 @@ async def test_status_shows_the_contexts_open_on_each_agent(
         await eventually(probe, f"contexts {expected}")
 
     async with Agent("trainer", redis_url=redis_url, namespace=namespace, failure_timeout=1.0):
-        await contexts_are({"w": 0, "gone": None, "trainer": 0})
+        await contexts_are({"w": 0, "trainer": 0})
         async with dist_autograd.context(), dist_autograd.context():
             # A call made in a context opens it on the callee too.
             assert await rpc.rpc_async("w", "test.echo", args=(1,)) == 1
-            await contexts_are({"w": 1, "gone": None, "trainer": 2})
-        await contexts_are({"w": 0, "gone": None, "trainer": 0})
+            await contexts_are({"w": 1, "trainer": 2})
+        await contexts_are({"w": 0, "trainer": 0})
 
 
 def _table_rows(out: str) -> dict[str, list[str]]:
-    rows = {}
-    for line in out.splitlines():
-        cells = [c.strip() for c in line.split("│")[1:-1]]
-        if cells and cells[0] and cells[0] != "worker":
-            rows[cells[0]] = cells[1:]
-    return rows
+    """The rows of `status` printed to a pipe: plain columns, two spaces or more apart."""
+    lines = out.splitlines()
+    assert lines[0].startswith("asyncgrad namespace ") and lines[1].startswith("worker  ")
+    assert "│" not in out
+    return {cells[0]: cells[1:] for line in lines[2:] if (cells := re.split(r"\s{2,}", line))}
+
+
+LONG = "trainer-with-a-name-longer-than-the-rest"
+
+
+@pytest.mark.timeout(20)
+def test_status_json_lists_live_and_recently_gone_workers_and_gone_for_drops_them(
+    spawn_worker: Callable[..., WorkerProcess],
+    redis_url: str,
+    namespace: str,
+    capsys: pytest.CaptureFixture[str],
+    keep_log_level: None,
+) -> None:
+    spawn_worker(LONG, FUNCS)
+    crashed = spawn_worker("crashed", FUNCS, extra_args=("--failure-timeout", "1"))
+    crashed.process.kill()  # no goodbye: its heartbeat lapses (0.6 s), its entry stays
+    crashed.process.wait(DEADLINE)
+    argv = ["status", "--redis", redis_url, "--namespace", namespace, "--json"]
+
+    def reading(*extra: str) -> dict[str, Any]:
+        assert main([*argv, *extra]) == 0
+        out = capsys.readouterr().out
+        assert out.count("\n") == 1  # one JSON object, on one line
+        parsed: dict[str, Any] = json.loads(out)
+        assert list(parsed) == ["namespace", "workers"]
+        assert parsed["namespace"] == namespace
+        return parsed
+
+    deadline = time.monotonic() + DEADLINE
+    while (gone := {w["name"]: w for w in reading()["workers"]})["crashed"]["alive"]:
+        assert time.monotonic() < deadline, "the killed worker's heartbeat did not lapse"
+    live = gone[LONG]
+    assert (live["id"], live["alive"], live["gone_for_s"]) == (0, True, None)
+    assert 0 <= live["heartbeat_age_s"] < 3.0
+    assert (live["contexts"], live["backlog"], live["pending"], live["dead_letters"]) == (0,) * 4
+    assert isinstance(live["received"], int)
+    dead = gone["crashed"]
+    assert (dead["id"], dead["alive"], dead["heartbeat_age_s"], dead["contexts"]) == (
+        1, False, None, None,
+    )  # fmt: skip
+    assert 0 <= dead["gone_for_s"] < DEADLINE
+    # Gone longer than --gone-for: not listed.
+    assert [w["name"] for w in reading("--gone-for", "0.001")["workers"]] == [LONG]
+    # The same, for people: the name whole, the gone one said so.
+    assert main(argv[:-1]) == 0
+    rows = _table_rows(capsys.readouterr().out)
+    assert rows[LONG][:2] == ["0", "yes"]
+    assert re.fullmatch(r"gone \d+ s", rows["crashed"][1])
+
+
+@pytest.mark.parametrize("width", [60, 200])
+async def test_status_table_never_cuts_a_name_on_a_narrow_terminal(
+    width: int, make_agent: Any, redis_url: str, namespace: str
+) -> None:
+    await make_agent(LONG)
+    await make_agent(LONG.replace("trainer", "another"))
+    rows = await status.collect(redis_url, namespace)
+    console = Console(file=io.StringIO(), force_terminal=True, width=width, color_system=None)
+    status.render(rows, namespace, console)
+    out = console.file.getvalue()  # type: ignore[attr-defined]
+    assert LONG in out and LONG.replace("trainer", "another") in out
+    assert "…" not in out
+    assert max(len(line) for line in out.splitlines()) <= width
+    assert ("┃" in out) == (width == 200)  # the narrow one: one paragraph per agent
+
+
+def test_status_of_an_empty_namespace_names_those_that_have_agents(
+    spawn_worker: Callable[..., WorkerProcess],
+    redis_url: str,
+    namespace: str,
+    capsys: pytest.CaptureFixture[str],
+    keep_log_level: None,
+) -> None:
+    spawn_worker("w", FUNCS)
+    typo = namespace + "-typo"
+    assert main(["status", "--redis", redis_url, "--namespace", typo]) == 0
+    out, err = capsys.readouterr()
+    assert _table_rows(out) == {}
+    (line,) = err.splitlines()
+    address = RedisAddress.from_url(redis_url)
+    assert line.startswith(f"asyncgrad status: no agents in namespace {typo!r} at {address}")
+    listed = line.split("namespaces with live agents there: ")[1].split(", ")
+    assert namespace in listed or listed[-1].endswith("more")
+
+
+@pytest.mark.timeout(20)
+async def test_status_watch_shows_rates_and_ctrl_c_ends_it_with_0(
+    spawn_worker: Callable[..., WorkerProcess], make_agent: Any, redis_url: str, namespace: str
+) -> None:
+    spawn_worker("w", FUNCS)
+    caller = await make_agent("caller")
+    argv = ["status", "--redis", redis_url, "--namespace", namespace]
+    watch = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "asyncgrad", *argv, "--watch", "--json", "--interval", "0.2",
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+    )  # fmt: skip
+    assert watch.stdout is not None and watch.stderr is not None
+    readings: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    async def read() -> None:
+        assert watch.stdout is not None
+        while line := await watch.stdout.readline():
+            await readings.put(json.loads(line))
+
+    reader = asyncio.create_task(read())
+    try:
+        rates: dict[str, float | None] = {}
+        while not rates.get("w"):  # until a reading has a rate of messages w received
+            for _ in range(20):
+                assert await caller.rpc_async("w", "test.echo", args=(1,)) == 1
+            while not readings.empty():
+                reading = readings.get_nowait()
+                rates = {w["name"]: w["received_per_s"] for w in reading["workers"]}
+        watch.send_signal(signal.SIGINT)
+        async with asyncio.timeout(DEADLINE):
+            err = await watch.stderr.read()
+            assert await watch.wait() == 0, err
+    finally:
+        if watch.returncode is None:
+            watch.kill()
+            await watch.wait()
+        await reader
+    assert err == b""
+    assert (rates["w"] or 0) > 0
 
 
 @pytest.mark.cluster

@@ -23,19 +23,23 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from asyncgrad.errors import TransportError
-from asyncgrad.transport.cluster import RedisLink
+from asyncgrad.transport.cluster import RedisLink, connect
 from asyncgrad.transport.connections import Endpoint, TransportSettings
 from asyncgrad.transport.heartbeats import Heartbeat, heartbeat_fields
 from asyncgrad.transport.keys import (
     GROUP,
+    HEARTBEATS,
     LEAVE,
     REGISTER,
+    UNREGISTER,
     WITHDRAW,
     check_name,
     dead_letters,
     heartbeat,
     inbox,
+    namespace_of,
     registry,
+    seen,
 )
 from asyncgrad.transport.reader import Inbound, Reader
 from asyncgrad.transport.resp import DEFAULT_URL, Arg, ConnectionLost, RedisAddress, ReplyError
@@ -53,16 +57,21 @@ __all__ = [
     "TransportSettings",
     "check_name",
     "dead_letters",
+    "forget",
     "heartbeat",
     "heartbeat_fields",
     "inbox",
+    "live_namespaces",
     "registry",
+    "seen",
 ]
 
 logger = logging.getLogger(__name__)
 
 # A connection lost under a read-only query: it is asked again, at most this often in all.
 _READ_ATTEMPTS = 3
+# `live_namespaces` looks at this many keys at most (SCAN ... COUNT 1000, 50 times).
+_SCAN_BATCH, _SCAN_ROUNDS = 1000, 50
 
 
 class Transport:
@@ -70,7 +79,8 @@ class Transport:
 
     `start` claims the agent's name and refuses with `AgentNameTaken` while a live agent
     holds it. `open_contexts`, if given, is asked at every heartbeat (from the heartbeat's
-    thread) for the number published as `contexts=N`, which `asyncgrad status` shows.
+    thread) for the number published as `contexts=N`, which `asyncgrad status` shows,
+    as it shows `received=N`, the messages read from the inbox so far (`received`).
     `on_inbox_lost` hears when Redis lost the inbox (see `Reader`).
     """
 
@@ -89,10 +99,18 @@ class Transport:
         self.name = check_name("agent name", name)
         self.settings = settings or TransportSettings()
         self.id = -1
+        self.received = 0
         endpoint = Endpoint(address, namespace, name, self.settings)
         self._writer = Writer(endpoint)
-        self._reader = Reader(endpoint, self._writer, deliver, self._register, on_inbox_lost)
-        self._heartbeat = Heartbeat(endpoint, lambda: self.id, open_contexts or (lambda: 0))
+
+        def count(batch: list[Inbound]) -> None:
+            self.received += len(batch)
+            deliver(batch)
+
+        self._reader = Reader(endpoint, self._writer, count, self._register, on_inbox_lost)
+        self._heartbeat = Heartbeat(
+            endpoint, lambda: self.id, open_contexts or (lambda: 0), lambda: self.received
+        )
         self._claimed = False
         self._closing = False  # close() began: no new sends, no more reading
 
@@ -161,8 +179,7 @@ class Transport:
                     try:
                         writer = await self._writer.ready()
                         self._writer.flush()
-                        keys = (self._heartbeat.key, inbox(self.namespace, self.name))
-                        await writer.execute("EVAL", LEAVE, 2, *keys, self._heartbeat.token)
+                        await self._leave(writer)
                         return
                     except ConnectionLost:
                         if attempt == 2:
@@ -170,6 +187,20 @@ class Transport:
         except (TransportError, TimeoutError) as e:
             error = str(e) or "Redis unreachable until the heartbeat's TTL ran out"
             logger.warning("event=close_cleanup_failed agent=%s error=%s", self.name, error)
+
+    async def _leave(self, writer: RedisLink) -> None:
+        """Out of the registry (a clean stop leaves nothing behind: `asyncgrad status` lists
+        it no more), then the heartbeat and the empty inbox go."""
+        entry = (registry(self.namespace), self.name, self.id)
+        # While this run still holds the heartbeat, so the name is still its own.
+        if self.id >= 0:
+            await writer.execute("EVAL", UNREGISTER, 1, *entry)
+        keys = (self._heartbeat.key, inbox(self.namespace, self.name), self._heartbeat.seen_key)
+        left = await writer.execute("EVAL", LEAVE, 3, *keys, self._heartbeat.token)
+        if not left and self.id >= 0:
+            # Another run holds the name now (its heartbeat lapsed here): its entry, with
+            # the same id, was the one just removed.
+            await writer.execute("EVAL", REGISTER, 1, *entry)
 
     # *** messages ***
 
@@ -264,6 +295,50 @@ class Transport:
                 if attempt == _READ_ATTEMPTS:
                     raise
         raise AssertionError("unreachable")
+
+
+async def forget(address: RedisAddress, namespace: str, names: Sequence[str]) -> None:
+    """Delete what the named agents left in Redis once stopped (an inbox that messages
+    reached while it closed, dead letters, the registry entry): for a caller that started
+    every agent of `namespace` itself and reads nothing of theirs again (`asyncgrad demo`).
+    An agent that is live again under one of the names keeps everything."""
+    conn = await connect(address, name=f"asyncgrad:{namespace}:forget")
+    try:
+        for name in names:
+            if await conn.execute("EXISTS", heartbeat(namespace, name)):
+                continue
+            agent_id = await conn.execute("HGET", registry(namespace), f"n:{name}")
+            if agent_id is not None:
+                await conn.execute("EVAL", UNREGISTER, 1, registry(namespace), name, agent_id)
+            for key in (inbox(namespace, name), dead_letters(namespace, name)):
+                await conn.execute("DEL", key)
+            await conn.execute("DEL", seen(namespace, name))
+    finally:
+        conn.close()
+
+
+async def live_namespaces(address: RedisAddress) -> list[str] | None:
+    """The namespaces with a live agent on that Redis (a hint for a mistyped one), from a
+    bounded SCAN of the heartbeat keys; None if this Redis user may not SCAN."""
+    conn = await connect(address, name="asyncgrad:namespaces")
+    found: set[str] = set()
+    try:
+        cursor: bytes | int = 0
+        for _ in range(_SCAN_ROUNDS):
+            try:
+                cursor, keys = await conn.execute(
+                    "SCAN", cursor, "MATCH", HEARTBEATS, "COUNT", _SCAN_BATCH
+                )
+            except ReplyError as e:
+                if e.code == "NOPERM":  # an ACL user limited to its namespace
+                    return None
+                raise
+            found.update(namespace_of(k.decode(errors="replace")) for k in keys)
+            if int(cursor) == 0:
+                break
+    finally:
+        conn.close()
+    return sorted(found)
 
 
 def _log_unstored(stored: Stored) -> None:

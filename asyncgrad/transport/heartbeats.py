@@ -4,8 +4,8 @@
 agent holds the name; a holder that was a process of this host and is gone (a worker
 killed and restarted at once) is taken over instead of waited out. A thread then
 refreshes the key, so a busy event loop never looks dead. Its value,
-`run=TOKEN id=.. pid=.. host=.. pidns=.. ttl_ms=.. contexts=N born=MS t=MS`, starts
-with a token of this run (its incarnation), so that a run refreshes (and, leaving,
+`run=TOKEN id=.. pid=.. host=.. pidns=.. ttl_ms=.. contexts=N received=N born=MS t=MS`,
+starts with a token of this run (its incarnation), so that a run refreshes (and, leaving,
 deletes) only its own heartbeat; `born` is Redis's clock when this run began (0 until its
 first beat), `t` at the beat.
 
@@ -31,7 +31,7 @@ from collections.abc import Callable
 from asyncgrad.errors import AgentNameTaken, TransportError
 from asyncgrad.transport.cluster import RedisLink, SyncRedisLink
 from asyncgrad.transport.connections import Endpoint
-from asyncgrad.transport.keys import SET_HEARTBEAT, heartbeat
+from asyncgrad.transport.keys import SET_HEARTBEAT, heartbeat, seen
 
 __all__ = ["Heartbeat", "heartbeat_fields"]
 
@@ -47,19 +47,22 @@ def heartbeat_fields(value: bytes | None) -> dict[str, str]:
 
 
 class Heartbeat:
-    """One agent's heartbeat key. `agent_id` and `open_contexts` are asked at every beat,
-    from the heartbeat's thread."""
+    """One agent's heartbeat key. `agent_id`, `open_contexts` and `received` (messages read
+    so far) are asked at every beat, from the heartbeat's thread."""
 
     def __init__(
         self,
         endpoint: Endpoint,
         agent_id: Callable[[], int],
         open_contexts: Callable[[], int],
+        received: Callable[[], int] = lambda: 0,
     ) -> None:
         self._endpoint = endpoint
         self._agent_id = agent_id
         self._open_contexts = open_contexts
+        self._received = received
         self.key = heartbeat(endpoint.namespace, endpoint.name)
+        self.seen_key = seen(endpoint.namespace, endpoint.name)
         self.incarnation = secrets.token_hex(8)
         self.token = f"run={self.incarnation} "  # starts the value: whose it is
         self._ttl_ms = int(endpoint.settings.heartbeat_ttl * 1000)
@@ -79,7 +82,7 @@ class Heartbeat:
         return (
             f"{self.token}id={agent_id} pid={os.getpid()} host={socket.gethostname()} "
             f"pidns={_pid_namespace()} ttl_ms={self._ttl_ms} contexts={contexts} "
-            f"born={self.started_ms}"
+            f"received={self._received()} born={self.started_ms}"
         )
 
     async def claim(self, conn: RedisLink) -> None:
@@ -156,8 +159,8 @@ class Heartbeat:
 
     def _beat(self, conn: SyncRedisLink, since: float | None = None) -> bool:
         """Refresh the key; False if another run holds the name now."""
-        args = (self.key, self.token, self.value(), self._ttl_ms)
-        ms = conn.execute("EVAL", SET_HEARTBEAT, 1, *args)
+        args = (self.key, self.seen_key, self.token, self.value(), self._ttl_ms)
+        ms = conn.execute("EVAL", SET_HEARTBEAT, 2, *args)
         if not ms:
             return False
         now, clock = time.monotonic(), self._clock

@@ -10,15 +10,19 @@ import re
 
 __all__ = [
     "GROUP",
+    "HEARTBEATS",
     "LEAVE",
     "REGISTER",
     "SET_HEARTBEAT",
+    "UNREGISTER",
     "WITHDRAW",
     "check_name",
     "dead_letters",
     "heartbeat",
     "inbox",
+    "namespace_of",
     "registry",
+    "seen",
 ]
 
 GROUP = "asyncgrad"
@@ -40,12 +44,30 @@ def heartbeat(namespace: str, agent: str) -> str:
     return f"{namespace}:{{{agent}}}:alive"
 
 
+def seen(namespace: str, agent: str) -> str:
+    """Redis's clock (ms) at the agent's latest heartbeat: unlike the heartbeat, it outlives
+    a crash (for a week), so `asyncgrad status` can tell since when the agent is gone."""
+    return f"{namespace}:{{{agent}}}:seen"
+
+
 def dead_letters(namespace: str, agent: str) -> str:
     return f"{namespace}:{{{agent}}}:dead"
 
 
 def registry(namespace: str) -> str:
+    """A hash: `n:NAME` -> id and `i:ID` -> name, for every agent started and not stopped
+    cleanly (a crashed one stays, with its inbox, until an agent of that name starts and
+    stops cleanly; `asyncgrad status` lists it as gone for a while, by its `seen` key)."""
     return f"{namespace}:registry"
+
+
+# Every live agent's heartbeat, in any namespace (a SCAN pattern).
+HEARTBEATS = "*:{*}:alive"
+
+
+def namespace_of(heartbeat_key: str) -> str:
+    """The namespace of a key made by `heartbeat` (names and namespaces have no `{`)."""
+    return heartbeat_key.partition(":{")[0]
 
 
 # Gives `name` the id it had before, else ARGV[2] if that is free (the id it had before
@@ -66,15 +88,28 @@ for i = 0, 65535 do
 end
 return redis.error_reply('ERR no free agent id in this namespace')
 """
+# Removes agent ARGV[1] (id ARGV[2]) from registry KEYS[1], unless the name has another id
+# now; a clean stop runs it while it still holds its heartbeat (so the name is still its).
+UNREGISTER = """
+local id = redis.call('HGET', KEYS[1], 'n:' .. ARGV[1])
+if id ~= ARGV[2] then return 0 end
+redis.call('HDEL', KEYS[1], 'n:' .. ARGV[1])
+if redis.call('HGET', KEYS[1], 'i:' .. id) == ARGV[1] then
+  redis.call('HDEL', KEYS[1], 'i:' .. id)
+end
+return 1
+"""
 # Sets the heartbeat KEYS[1] if nobody holds it or its value starts with ARGV[1]: the
 # run's own token (a refresh), or the whole value of a holder found gone (a takeover).
-# The value ends with ` t=MS`, Redis's clock in ms, which it returns (0: not set).
+# The value ends with ` t=MS`, Redis's clock in ms, which it returns (0: not set); the
+# `seen` key KEYS[2], if given, gets MS too.
 SET_HEARTBEAT = """
 local held = redis.call('GET', KEYS[1])
 if held and string.sub(held, 1, #ARGV[1]) ~= ARGV[1] then return 0 end
 local now = redis.call('TIME')
 local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 redis.call('SET', KEYS[1], ARGV[2] .. ' t=' .. ms, 'PX', ARGV[3])
+if KEYS[2] then redis.call('SET', KEYS[2], ms, 'EX', 604800) end
 return ms
 """
 # Withdraws a message entry ARGV[2] from inbox KEYS[1] if the group ARGV[1] has not read
@@ -100,12 +135,12 @@ redis.call('XDEL', KEYS[1], ARGV[2])
 return 1
 """
 # Leaving: unless another run (token ARGV[1]) holds the name now, its heartbeat KEYS[1]
-# goes, and its inbox KEYS[2] too if nothing waits in it (so a late message is never lost
-# silently).
+# and `seen` key KEYS[3] go, and its inbox KEYS[2] too if nothing waits in it (so a late
+# message is never lost silently).
 LEAVE = """
 local held = redis.call('GET', KEYS[1])
 if held and string.sub(held, 1, #ARGV[1]) ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1])
+redis.call('DEL', KEYS[1], KEYS[3])
 if redis.call('XLEN', KEYS[2]) == 0 then redis.call('DEL', KEYS[2]) end
 return 1
 """

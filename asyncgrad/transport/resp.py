@@ -252,7 +252,17 @@ class Connection(asyncio.Protocol):
         except (OSError, TimeoutError, ssl.SSLError, ReplyError, ConnectionLost) as e:
             if isinstance(e, ReplyError):
                 raise ConnectionLost(f"Redis at {address} refused the login: {e}") from e
-            raise ConnectionLost(f"cannot connect to Redis at {address}: {e}") from e
+            if str(e).startswith(_NOT_REDIS):
+                raise ConnectionLost(f"{address} {e}; check the URL's host and port") from e
+            if isinstance(e, TimeoutError) and conn is not None:
+                # The port accepted the connection, but nothing answered the login: not a
+                # Redis (or one stalled); an empty "cannot connect" said neither.
+                raise ConnectionLost(
+                    f"connected to {address} but got no answer within {connect_timeout:g} s "
+                    "(not a Redis server?); check the URL's host and port"
+                ) from e
+            reason = str(e) or type(e).__name__
+            raise ConnectionLost(f"cannot connect to Redis at {address}: {reason}") from e
         finally:
             if conn is not None and not opened:  # the login failed, or was cancelled
                 conn.close()
@@ -269,7 +279,12 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         reader, waiters = self._reader, self._waiters
         reader.feed(data)
-        while (reply := reader.gets()) is not False:
+        while (reply := _next_reply(reader, data)) is not False:
+            if isinstance(reply, _NotRedis):
+                self._lost = ConnectionLost(str(reply))
+                if self._transport is not None:
+                    self._transport.abort()  # connection_lost fails the waiters with it
+                return
             waiter = waiters.popleft()
             if waiter is None:
                 continue
@@ -283,9 +298,10 @@ class Connection(asyncio.Protocol):
                 waiter(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._lost = ConnectionLost(
-            f"connection {self.name or ''} to Redis lost" + (f": {exc}" if exc else "")
-        )
+        if self._lost is None or not str(self._lost).startswith(_NOT_REDIS):
+            self._lost = ConnectionLost(
+                f"connection {self.name or ''} to Redis lost" + (f": {exc}" if exc else "")
+            )
         self._transport = None
         waiters, self._waiters = self._waiters, collections.deque()
         for waiter in waiters:
@@ -369,6 +385,8 @@ class SyncConnection:
                 sock.close()
             if isinstance(e, ReplyError):
                 raise ConnectionLost(f"Redis at {address} refused the login: {e}") from e
+            if str(e).startswith(_NOT_REDIS):
+                raise ConnectionLost(f"{address} {e}; check the URL's host and port") from e
             if isinstance(e, ConnectionLost):
                 raise
             raise ConnectionLost(f"cannot connect to Redis at {address}: {e}") from e
@@ -376,16 +394,36 @@ class SyncConnection:
     def execute(self, *args: Arg) -> Any:
         try:
             self._sock.sendall(_pack(args))
-            while (reply := self._reader.gets()) is False:
+            data = b""
+            while (reply := _next_reply(self._reader, data)) is False:
                 data = self._sock.recv(65536)
                 if not data:
                     raise ConnectionLost("Redis closed the connection")
                 self._reader.feed(data)
         except OSError as e:
             raise ConnectionLost(f"Redis connection failed: {e}") from e
+        if isinstance(reply, _NotRedis):
+            raise ConnectionLost(str(reply))
         if isinstance(reply, ReplyError):
             raise reply
         return reply
 
     def close(self) -> None:
         self._sock.close()
+
+
+class _NotRedis(str):
+    """What `_next_reply` returns when the bytes are not RESP: a description of them."""
+
+
+# How that description begins (a connection lost for that reason is told by it).
+_NOT_REDIS = "answered with something that is not Redis"
+
+
+def _next_reply(reader: hiredis.Reader, data: bytes) -> Any:
+    """The next reply parsed (False: none yet), or `_NotRedis` saying what came instead."""
+    try:
+        return reader.gets()
+    except hiredis.ProtocolError:
+        first = data.split(b"\r\n", 1)[0].split(b"\n", 1)[0][:60]
+        return _NotRedis(f"{_NOT_REDIS}: {first.decode(errors='replace')!r}")

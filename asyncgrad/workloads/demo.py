@@ -12,6 +12,8 @@ progress to the job, which shows it live and finally measures held-out accuracy.
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,6 +34,7 @@ from asyncgrad import errors as rpc_errors
 from asyncgrad.graph import Array
 from asyncgrad.nn import functional as F
 from asyncgrad.tensor import Tensor, tensor
+from asyncgrad.transport import DEFAULT_URL, RedisAddress, live_namespaces
 from asyncgrad.workloads.param_server import ParameterServer, mlp
 
 SIZES = (784, 256, 10)
@@ -120,15 +123,37 @@ def progress(trainer: str, step: int, loss: float) -> None:
 
 
 async def wait_for_workers(agent: rpc.Agent, names: Sequence[str], timeout: float = 60.0) -> None:
-    """Return once every named worker is live (under docker compose they start in any order)."""
+    """Return once every named worker is live (under docker compose they start in any order).
+
+    If one is not live yet, says at once (on stderr) what it waits for, where, and how long.
+    """
     deadline = time.monotonic() + timeout
+    where = f"namespace {agent.namespace!r} at {RedisAddress.from_url(agent.redis_url)}"
+    told = False
     while missing := set(names) - {w.name for w in await agent.workers()}:
+        if not told:
+            print(
+                f"waiting up to {timeout:g} s for {_names(missing)} to be live in {where}",
+                file=sys.stderr, flush=True,
+            )  # fmt: skip
+            told = True
         if time.monotonic() > deadline:
+            live = await live_namespaces(RedisAddress.from_url(agent.redis_url))
+            others = [n for n in live or () if n != agent.namespace]
+            hint = f"; namespaces with live agents there: {', '.join(others)}" if others else ""
+            if agent.redis_url == DEFAULT_URL and not os.environ.get("ASYNCGRAD_REDIS_URL"):
+                hint += "; this is the default Redis: pass --redis URL or set ASYNCGRAD_REDIS_URL"
             raise rpc_errors.WorkerUnavailable(
-                f"workers not live after {timeout} s: {sorted(missing)}"
+                f"{_names(missing)} not live after {timeout:g} s in {where}: start "
+                f"them (asyncgrad worker NAME --namespace {agent.namespace} ...){hint}"
             )
         # Registration publishes no event to wait on: poll the registry, with a deadline.
         await asyncio.sleep(0.2)
+
+
+def _names(names: set[str]) -> str:
+    listed = ", ".join(sorted(names))
+    return f"worker {listed}" if len(names) == 1 else f"workers {listed}"
 
 
 def accuracy(state: dict[str, Array], x: Array, y: Array) -> float:
