@@ -172,3 +172,28 @@ def _read_all(fd: int) -> str:
         chunks.append(chunk)
     os.close(fd)
     return b"".join(chunks).decode()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_the_soak_names_each_fault_before_the_warnings_it_causes() -> None:
+    argv = [sys.executable, "-m", "asyncgrad", "bench", "--soak", "--only", "S2"]
+    done = subprocess.run(
+        [*argv, "--soak-steps", "300"], capture_output=True, text=True, timeout=110, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stderr.splitlines()
+    kill = _index(lines, "S2: injecting at step ")
+    assert "ps killed (SIGKILL) and started again" in lines[kill]
+    restart = _index(lines, "S2: injecting at step ", kill + 1)
+    assert "Redis stopped for 1 s" in lines[restart]
+    assert "reconnect_failed" in lines[restart]  # the warnings to expect, by name
+    # No warning of the run comes before a fault was named; the restart's come after it.
+    warnings = [i for i, line in enumerate(lines) if "level=WARNING" in line]
+    assert min(warnings) > kill
+    assert any("reconnect_failed" in lines[i] for i in warnings if i > restart)
+    assert lines[_index(lines, "S2: fault over (redis", restart)]
+
+
+def _index(lines: list[str], start: str, after: int = 0) -> int:
+    return next(i for i, line in enumerate(lines) if i >= after and line.startswith(start))

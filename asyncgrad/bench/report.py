@@ -76,11 +76,6 @@ def rows(record: dict[str, Any]) -> list[Row]:
         for key, text, higher in _HEADLINES.get(name, (name, []))[1]
         if key in figures
     ]
-    if "grad_norm_max_rel_err_vs_local" in figures:
-        error = figures["grad_norm_max_rel_err_vs_local"]
-        found.append(Row(label, "gradients = a local run", "yes" if error < 1e-4 else "NO"))
-    if "loss_fell" in figures:
-        found.append(Row(label, "loss fell", "yes" if figures["loss_fell"] else "NO"))
     if name in _SOAK:
         found += [
             Row(label, "steps done", f"{figures['steps_done']:,} of {figures['steps']:,}"),
@@ -92,6 +87,11 @@ def rows(record: dict[str, Any]) -> list[Row]:
             after = fault.get("recovered_after_s")
             text = "not held up" if after is None else f"{after:.2f} s"
             found.append(Row(label, f"back after {_fault_name(fault)}", text))
+    if "grad_norm_max_rel_err_vs_local" in figures:
+        error = figures["grad_norm_max_rel_err_vs_local"]
+        found.append(Row(label, "gradients = a local run", "yes" if error < 1e-4 else "NO"))
+    if "loss_fell" in figures:
+        found.append(Row(label, "loss fell", "yes" if figures["loss_fell"] else "NO"))
     if "violations" in record:
         found.append(Row(label, "checks", "; ".join(record["violations"]) or "all held"))
     if not record.get("ok") and "error" in record:
