@@ -1,4 +1,4 @@
-"""DESIGN.md's layering, enforced: imports point down only, the modules of the library form
+"""README's layering, enforced: imports point down only, the modules of the library form
 no import cycle, and no module reaches into another module's private attributes.
 
 Every module of the package must be listed here; a new module fails this test until its

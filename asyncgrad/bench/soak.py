@@ -1,6 +1,6 @@
 """`asyncgrad bench --soak`: B5's job for 10,000 steps, once undisturbed and once under chaos.
 
-The job is BENCH.md's B5 setup (a parameter server and two trainers as `asyncgrad worker`
+The job is docs/BENCH.md's B5 setup (a parameter server and two trainers as `asyncgrad worker`
 processes, the MLP 784-256-10, `DistributedOptimizer` SGD) with the `soak.Trainer` of
 workers/soak.py, whose every step has a deadline and is retried, boundedly, when it fails.
 The job keeps a checkpoint of the model (every twentieth of the run, at least 50 steps).
@@ -13,7 +13,7 @@ The job keeps a checkpoint of the model (every twentieth of the run, at least 50
   stopped and a new, empty one started at the same address. Every step must still finish;
   the figures say which errors the steps saw, how many were retried, how long each
   recovery took.
-- `faults`: the same job through every fault API.md's failure semantics speak of, none of
+- `faults`: the same job through every fault README's failure semantics speak of, none of
   which may free state or apply a step twice: a trainer, then the parameter server,
   frozen for 10 s (SIGSTOP), `CLIENT PAUSE 4000 WRITE`, `DEBUG SLEEP 3`, Redis at
   `maxmemory` for 2 s, and malformed reply-kind messages in every inbox.
