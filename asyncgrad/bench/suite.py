@@ -138,7 +138,8 @@ def run_jobs(
                     f"bench: [{count}/{total}] {which}: {outcome} ({seconds:.1f} s)"
                 )
                 if not table:
-                    shown = {k: v for k, v in record.items() if k != "traceback"}
+                    # The long texts of a failure stay in the --json file.
+                    shown = {k: v for k, v in record.items() if k not in ("traceback", "stderr")}
                     print(json.dumps(shown), flush=True)
                 runs.append((side, record))
     compared = report.compare(runs)
