@@ -176,21 +176,19 @@ _SIDE_TITLES = {"asyncgrad": "asyncgrad", "torch": "PyTorch RPC"}
 
 
 def render(compared: list[Compared], sides: Sequence[str], console: Console) -> None:
-    """The table README's "Measured" shows: medians, the runs in brackets when several."""
+    """The table README's "Measured" shows: medians, the runs below them when several."""
     table = Table()
-    # On a narrow terminal the labels wrap, never the figures.
-    table.add_column("workload", ratio=1)
-    table.add_column("figure", ratio=1)
+    table.add_column("workload")
+    table.add_column("figure")
+    table.add_column("better", no_wrap=True)
     for side in sides:
-        table.add_column(_SIDE_TITLES.get(side, side), justify="right", no_wrap=True)
+        table.add_column(_SIDE_TITLES.get(side, side), justify="right")
     if len(sides) == 2:
-        table.add_column("asyncgrad ÷ PyTorch", justify="right", no_wrap=True)
+        table.add_column("asyncgrad ÷\nPyTorch", justify="right", no_wrap=True)
     previous = None
     for entry in compared:
-        figure = entry.figure
-        if entry.higher_is_better is not None:
-            figure += " (higher is better)" if entry.higher_is_better else " (lower is better)"
-        cells = [entry.workload if entry.workload != previous else "", figure]
+        better = {True: "higher", False: "lower", None: ""}[entry.higher_is_better]
+        cells = [entry.workload if entry.workload != previous else "", entry.figure, better]
         previous = entry.workload
         cells += [_cell(entry, side) for side in sides]
         if len(sides) == 2:
@@ -198,12 +196,16 @@ def render(compared: list[Compared], sides: Sequence[str], console: Console) -> 
             cells.append("" if ratio is None else f"{ratio:.2f}\N{MULTIPLICATION SIGN}")
         table.add_row(*cells)
     console.print(table)
+    several = any(len(v) > 1 for entry in compared for v in entry.values.values())
+    notes = ["Medians of the runs below them."] if several else []
     if len(sides) == 2:
-        console.print(
+        notes.insert(
+            0,
             "asyncgrad ÷ PyTorch: above 1 favours asyncgrad where higher is better, below 1 "
-            "where lower is better. Medians (of the runs in brackets, when several).",
-            highlight=False,
+            "where lower is better.",
         )
+    if notes:
+        console.print(" ".join(notes), highlight=False)
 
 
 def _cell(entry: Compared, side: str) -> str:
@@ -215,5 +217,5 @@ def _cell(entry: Compared, side: str) -> str:
         return median
     text = number(median)
     if len(values) > 1:
-        text += " (" + ", ".join(number(float(v)) for v in values) + ")"
+        text += "\n(" + ", ".join(number(float(v)) for v in values) + ")"
     return text
