@@ -8,7 +8,8 @@ on loopback, `torch.distributed.rpc` over TensorPipe), rank 0 the driver, and ev
 process computes on one thread, as the asyncgrad side's do.
 
 PyTorch finds a remote function by its qualified name, so everything called remotely lives
-at module level here, with the state it needs (`_STATE`).
+at module level here, with the state it needs (`_STATE`). torch is imported inside the
+functions: the module itself imports without it (the package must work without torch).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import json
 import math
 import multiprocessing as mp
 import os
-import platform
 import queue
 import socket
 import statistics
@@ -28,21 +28,14 @@ import traceback
 import warnings
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import torch.distributed.autograd as dist_autograd
-import torch.distributed.rpc as rpc
-import torch.nn.functional as F
-from torch import nn
-from torch.distributed.optim import DistributedOptimizer
 
-__all__ = ["WORKLOADS", "run_workload", "versions"]
+if TYPE_CHECKING:
+    import torch
 
-# torch's own deprecation notes from inside init_rpc/shutdown and DistributedOptimizer.
-warnings.filterwarnings("ignore", message=".*as a ProcessGroup.*")
-warnings.filterwarnings("ignore", message=".*TorchScript. support for functional optimizers.*")
+__all__ = ["WORKLOADS", "run_workload"]
 
 WORKER_THREADS = 16  # TensorPipe's pool per process
 RPC_TIMEOUT_S = 60
@@ -70,6 +63,13 @@ def _percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values, dtype=np.float64), q))
 
 
+def _quiet() -> None:
+    """Silence torch's own deprecation notes from inside init_rpc, shutdown and
+    DistributedOptimizer (in the processes that run it, not in whoever imports this)."""
+    warnings.filterwarnings("ignore", message=".*as a ProcessGroup.*")
+    warnings.filterwarnings("ignore", message=".*TorchScript. support for functional optim.*")
+
+
 # *** called remotely ***
 
 
@@ -78,10 +78,12 @@ def echo(t: torch.Tensor) -> torch.Tensor:
 
 
 def stage_forward(h: torch.Tensor) -> torch.Tensor:
-    return torch.tanh(h @ _STATE["W"])
+    return (h @ _STATE["W"]).tanh()
 
 
 def stage_grad_norm(context_id: int) -> float:
+    import torch.distributed.autograd as dist_autograd
+
     return float(dist_autograd.get_gradients(context_id)[_STATE["W"]].norm())
 
 
@@ -90,16 +92,24 @@ def ps_forward(x: torch.Tensor) -> torch.Tensor:
     # trainer's in-place SGD step break the other's backward ("modified by an inplace
     # operation"), so each forward works on a differentiable copy: gradients still reach
     # the real parameters, in this trainer's context.
+    import torch.nn.functional as F
+
     first, second = _STATE["model"][0], _STATE["model"][2]
     h = F.relu(F.linear(x, first.weight.clone(), first.bias.clone()))
     return F.linear(h, second.weight.clone(), second.bias.clone())
 
 
-def ps_parameter_rrefs() -> list[rpc.RRef]:
+def ps_parameter_rrefs() -> list[Any]:
+    import torch.distributed.rpc as rpc
+
     return [rpc.RRef(p) for p in _STATE["model"].parameters()]
 
 
 def trainer_prepare(index: int, steps: int, lr: float) -> bool:
+    import torch
+    import torch.distributed.rpc as rpc
+    from torch.distributed.optim import DistributedOptimizer
+
     xs, ys = make_batches(steps, seed=100 + index, teacher=make_teacher())
     rrefs = rpc.rpc_sync("ps", ps_parameter_rrefs)
     _STATE["trainer"] = (xs, ys, DistributedOptimizer(torch.optim.SGD, rrefs, lr=lr), steps)
@@ -107,6 +117,10 @@ def trainer_prepare(index: int, steps: int, lr: float) -> bool:
 
 
 def trainer_run() -> dict[str, Any]:
+    import torch.distributed.autograd as dist_autograd
+    import torch.distributed.rpc as rpc
+    import torch.nn.functional as F
+
     xs, ys, opt, steps = _STATE["trainer"]
     losses, step_ns = [], []
     for s in range(steps):
@@ -125,16 +139,23 @@ def trainer_run() -> dict[str, Any]:
 
 
 def make_weight(i: int) -> torch.Tensor:
+    import torch
+
     generator = torch.Generator().manual_seed(1000 + i)
     return (torch.randn(512, 512, generator=generator) / math.sqrt(512.0)).requires_grad_(True)
 
 
-def make_mlp() -> nn.Sequential:
+def make_mlp() -> torch.nn.Sequential:
+    import torch
+    from torch import nn
+
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 10))
 
 
 def make_teacher() -> torch.Tensor:
+    import torch
+
     return torch.randn(784, 10, generator=torch.Generator().manual_seed(4242))
 
 
@@ -142,6 +163,8 @@ def make_batches(
     n: int, seed: int, teacher: torch.Tensor
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """`n` batches of 64 inputs labelled by a fixed random linear teacher: learnable."""
+    import torch
+
     generator = torch.Generator().manual_seed(seed)
     xs = [torch.randn(64, 784, generator=generator) for _ in range(n)]
     return xs, [(x @ teacher).argmax(dim=1) for x in xs]
@@ -151,6 +174,9 @@ def make_batches(
 
 
 def drive_b1(quick: bool) -> dict[str, Any]:
+    import torch
+    import torch.distributed.rpc as rpc
+
     calls, warmup = scale(5000, quick), scale(200, quick)
     x = torch.arange(16, dtype=torch.float32)
     for _ in range(warmup):
@@ -176,6 +202,9 @@ def drive_b1(quick: bool) -> dict[str, Any]:
 
 
 def drive_b2(quick: bool) -> dict[str, Any]:
+    import torch
+    import torch.distributed.rpc as rpc
+
     calls, window, warmup = scale(20000, quick), 256, scale(1000, quick)
     x = torch.arange(16, dtype=torch.float32)
 
@@ -205,6 +234,9 @@ def drive_b2(quick: bool) -> dict[str, Any]:
 
 
 def drive_b3(quick: bool) -> dict[str, Any]:
+    import torch
+    import torch.distributed.rpc as rpc
+
     params: dict[str, Any] = {
         "sizes": {},
         "GB": "1e9 bytes; GB/s = 2*size*reps/total_time",
@@ -232,6 +264,10 @@ def drive_b3(quick: bool) -> dict[str, Any]:
 
 
 def drive_b4(quick: bool) -> dict[str, Any]:
+    import torch
+    import torch.distributed.autograd as dist_autograd
+    import torch.distributed.rpc as rpc
+
     warmup, timed = scale(10, quick), scale(50, quick)
     x = torch.randn(64, 512, generator=torch.Generator().manual_seed(0))
     stages = RANKS["B4_dist_backward_chain"][1:]
@@ -285,6 +321,8 @@ def drive_b4(quick: bool) -> dict[str, Any]:
 
 
 def drive_b5(quick: bool) -> dict[str, Any]:
+    import torch.distributed.rpc as rpc
+
     steps, lr = scale(200, quick, 20), 0.05
     trainers = RANKS["B5_param_server"][2:]
     # Data, parameter references and optimizers before the clock starts.
@@ -333,6 +371,9 @@ DRIVERS: dict[str, Callable[[bool], dict[str, Any]]] = {
 
 def b6_steps(threads: int | None, quick: bool) -> dict[str, Any]:
     """B6 in this process: the MLP, batch 64, forward + cross-entropy + backward + SGD."""
+    import torch
+    import torch.nn.functional as F
+
     if threads is not None:
         torch.set_num_threads(threads)
     warmup, timed = scale(20, quick, 5), scale(500, quick)
@@ -368,6 +409,10 @@ def b6_steps(threads: int | None, quick: bool) -> dict[str, Any]:
 
 def _rank(workload: str, rank: int, port: int, quick: bool, results: mp.Queue[Any]) -> None:
     """One process of an RPC workload; rank 0 puts the driver's record on `results`."""
+    _quiet()
+    import torch
+    import torch.distributed.rpc as rpc
+
     names = RANKS[workload]
     name = names[rank]
     os.environ["MASTER_ADDR"] = "127.0.0.1"
@@ -394,6 +439,7 @@ def _rank(workload: str, rank: int, port: int, quick: bool, results: mp.Queue[An
 
 
 def _local(threads: int | None, quick: bool, results: mp.Queue[Any]) -> None:
+    _quiet()
     try:
         results.put({"ok": True, "run": b6_steps(threads, quick)})
     except Exception as e:  # reported as the record
@@ -467,10 +513,6 @@ def run_workload(workload: str, quick: bool) -> dict[str, Any]:
     return record
 
 
-def versions() -> dict[str, Any]:
-    return {"torch": torch.__version__, "python": platform.python_version()}
-
-
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -483,6 +525,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("workload", choices=WORKLOADS)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
+    _quiet()
+    import torch
+
     record = run_workload(args.workload, args.quick)
     record["torch"] = torch.__version__
     print(json.dumps(record), flush=True)
