@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import logging
 import math
 import os
@@ -17,10 +16,10 @@ import signal
 import sys
 import traceback
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from types import FrameType
 from urllib.parse import urlsplit
 
+from asyncgrad.bench import options as bench_options
 from asyncgrad.embedded import EmbeddedRedis, EmbeddedRedisError, PortInUse
 
 __all__ = ["UsageError", "main"]
@@ -135,22 +134,11 @@ def _parser() -> argparse.ArgumentParser:
         "--steps", type=_positive_int, default=300, help="steps per trainer (default 300)"
     )
 
-    bench = command("bench", _bench, "run the benchmark workloads of BENCH.md")
+    bench = command(
+        "bench", _bench, "the benchmark workloads of docs/BENCH.md; --against torch: PyTorch's too"
+    )
     bench.set_defaults(lifecycle_logs=False)
-    bench.add_argument("--only", help="comma-separated workloads or prefixes, e.g. B1,B6")
-    bench.add_argument("--json", type=Path, metavar="PATH", help="write all results here")
-    bench.add_argument("--quick", action="store_true", help="about 10x fewer iterations")
-    bench.add_argument(
-        "--soak", action="store_true",
-        help="instead: the soak (S1), chaos (S2) and faults (S3) runs, 10,000 steps each "
-        "(--quick: 1,000)",
-    )  # fmt: skip
-    bench.add_argument("--soak-steps", type=int, metavar="N", help="with --soak: N steps")
-    bench.add_argument(
-        "--failure-timeout", type=_positive, default=5.0, metavar="SECONDS",
-        help="with --soak: the agents' failure timeout (default 5)",
-    )  # fmt: skip
-    bench.add_argument("--scale", action="store_true", help="B2 at 1-8 workers, B4 at 2-8 instead")
+    bench_options.add_arguments(bench)
     _connection_options(bench)
     bench.set_defaults(namespace=None)
 
@@ -327,31 +315,9 @@ def _status(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     # The workloads import everything; only this command needs them.
-    from asyncgrad import bench
-    from asyncgrad.bench import scale
-    from asyncgrad.bench.options import Options
+    from asyncgrad.bench.suite import run_command
 
-    try:
-        if args.soak_steps is not None and (not args.soak or args.soak_steps < 2):
-            raise ValueError("--soak-steps takes a number of steps (2 or more), with --soak")
-        if args.scale and args.soak:
-            raise ValueError("--scale and --soak are different runs: pick one")
-        if args.scale:
-            jobs = scale.jobs(bench.select(args.only or ",".join(scale.SCALED)))
-        else:
-            jobs = bench.jobs(bench.select(args.only, bench.SOAK if args.soak else bench.WORKLOADS))
-    except ValueError as e:
-        print(f"asyncgrad bench: {e}", file=sys.stderr)
-        return 2
-    options = Options(
-        quick=args.quick,
-        redis_url=args.redis,
-        soak_steps=args.soak_steps,
-        failure_timeout=args.failure_timeout,
-    )
-    if args.namespace:
-        options = dataclasses.replace(options, namespace=args.namespace)
-    return 0 if bench.run_jobs(jobs, options, json_path=args.json) else 1
+    return run_command(args)
 
 
 class _Stop(Exception):

@@ -35,7 +35,7 @@ class WorkerStartFailed(RuntimeError):
 
 
 def one_thread_env() -> dict[str, str]:
-    """The environment for a process that computes on one thread (BENCH.md's rule)."""
+    """The environment for a process that computes on one thread (docs/BENCH.md's rule)."""
     return {**os.environ, **dict.fromkeys(THREAD_VARS, "1"), "PYTHONUNBUFFERED": "1"}
 
 

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import pty
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -79,3 +84,116 @@ def test_scale_covers_b2_and_b4_only() -> None:
     assert main(["bench", "--scale", "--only", "B1"]) == 2
     assert main(["bench", "--scale", "--only", "B1,B2"]) == 2
     assert main(["bench", "--scale", "--soak"]) == 2
+
+
+TORCH = importlib.util.find_spec("torch") is not None
+
+
+@pytest.mark.skipif(not TORCH, reason="PyTorch is not installed: pip install -e '.[torch]'")
+@pytest.mark.timeout(90)
+def test_against_torch_runs_both_sides_and_prints_their_ratio(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], redis_url: str, namespace: str
+) -> None:
+    out = tmp_path / "both.json"
+    argv = ["bench", "--against", "torch", "--only", "B1", "--quick", "--repeat", "1"]
+    argv += ["--json", str(out), "--redis", redis_url, "--namespace", namespace]
+    assert main(argv) == 0
+    *records, last = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    # Alternately: asyncgrad's run, then PyTorch's.
+    assert [(r["name"], r["side"]) for r in records] == [
+        ("B1_latency", "asyncgrad"),
+        ("B1_latency", "torch"),
+    ]
+    ours, theirs = (r["figures"]["median_us"] for r in records)
+    assert ours > 0
+    assert theirs > 0
+    assert records[1]["params"]["calls"] == records[0]["params"]["calls"] == 500
+    median = next(c for c in last["comparison"] if c["key"] == "B1_latency.median_us")
+    assert median["better"] == "lower"
+    assert median["asyncgrad_over_torch"] == pytest.approx(ours / theirs)
+    doc = json.loads(out.read_text())
+    assert [r["name"] for r in doc["results"]] == ["B1_latency"]
+    assert doc["torch"]["version"].startswith("2.")
+    assert [r["figures"]["median_us"] for r in doc["torch"]["results"]] == [theirs]
+    assert doc["comparison"] == last["comparison"]
+
+
+@pytest.mark.timeout(30)
+def test_against_torch_without_torch_says_how_to_install_it() -> None:
+    # torch made unimportable in this interpreter only, the way Python spells "absent".
+    code = (
+        "import sys; sys.modules['torch'] = None; from asyncgrad.cli import main; "
+        "sys.exit(main(['bench', '--against', 'torch', '--only', 'B1', '--quick']))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=25, check=False
+    )
+    assert done.returncode == 2
+    assert done.stdout == ""
+    (line,) = done.stderr.splitlines()
+    assert "pip install -e '.[torch]'" in line
+
+
+def test_against_anything_but_torch_is_bad_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(["bench", "--against", "foo"])
+    assert caught.value.code == 2
+    assert "invalid choice: 'foo'" in capsys.readouterr().err
+    assert main(["bench", "--against", "torch", "--soak"]) == 2
+    assert main(["bench", "--against", "torch", "--scale"]) == 2
+
+
+@pytest.mark.timeout(60)
+def test_on_a_terminal_a_table_and_progress_instead_of_json(tmp_path: Path) -> None:
+    primary, secondary = pty.openpty()
+    argv = [sys.executable, "-m", "asyncgrad", "bench", "--only", "B6", "--quick"]
+    with subprocess.Popen(argv, stdout=secondary, stderr=subprocess.PIPE, text=True) as child:
+        os.close(secondary)
+        shown = _read_all(primary)
+        stderr = child.stderr.read() if child.stderr else ""
+    assert child.returncode == 0, stderr
+    assert "B6 local MLP step" in shown
+    assert re.search(r"steps/s, 1 thread +│ higher +│ +[\d,]+ │", shown)
+    assert "{" not in shown  # no JSON
+    assert "bench: [1/1] B6_local_autograd ..." in stderr
+    assert re.search(r"bench: \[1/1\] B6_local_autograd: [\d,]+ steps/s, 1 thread", stderr)
+
+
+def _read_all(fd: int) -> str:
+    """What a terminal showed, until its last writer closed it."""
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # EIO: the other side is closed
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(fd)
+    return b"".join(chunks).decode()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_the_soak_names_each_fault_before_the_warnings_it_causes() -> None:
+    argv = [sys.executable, "-m", "asyncgrad", "bench", "--soak", "--only", "S2"]
+    done = subprocess.run(
+        [*argv, "--soak-steps", "300"], capture_output=True, text=True, timeout=110, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stderr.splitlines()
+    kill = _index(lines, "S2: injecting at step ")
+    assert "ps killed (SIGKILL) and started again" in lines[kill]
+    restart = _index(lines, "S2: injecting at step ", kill + 1)
+    assert "Redis stopped for 1 s" in lines[restart]
+    assert "reconnect_failed" in lines[restart]  # the warnings to expect, by name
+    # No warning of the run comes before a fault was named; the restart's come after it.
+    warnings = [i for i, line in enumerate(lines) if "level=WARNING" in line]
+    assert min(warnings) > kill
+    assert any("reconnect_failed" in lines[i] for i in warnings if i > restart)
+    assert lines[_index(lines, "S2: fault over (redis", restart)]
+
+
+def _index(lines: list[str], start: str, after: int = 0) -> int:
+    return next(i for i, line in enumerate(lines) if i >= after and line.startswith(start))

@@ -65,7 +65,6 @@ PARSE_ONLY: list[tuple[str, str]] = [
         r"^export ASYNCGRAD_REDIS_URL=rediss://\S*@redis\.example",
         "a TLS Redis with ACL users at a placeholder host; tests/test_security.py runs both",
     ),
-    (r"^/tmp/torchvenv/", "PyTorch's side of the benchmarks: a virtualenv with torch, minutes"),
 ]
 
 COMMAND_TIMEOUT = 45.0  # seconds for one foreground command or program

@@ -1,5 +1,5 @@
 """B4 (a distributed backward through a chain of four workers) and B5 (a parameter server
-with two concurrent trainers), as BENCH.md defines them."""
+with two concurrent trainers), as docs/BENCH.md defines them."""
 
 from __future__ import annotations
 

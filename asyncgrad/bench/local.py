@@ -24,7 +24,7 @@ from asyncgrad.tensor import tensor
 
 
 def make_mlp(seed: int = 0) -> nn.Sequential:
-    """Linear(784, 256) - ReLU - Linear(256, 10), as in BENCH.md."""
+    """Linear(784, 256) - ReLU - Linear(256, 10), as in docs/BENCH.md."""
     rng = np.random.default_rng(seed)
     return nn.Sequential(nn.Linear(784, 256, rng=rng), nn.ReLU(), nn.Linear(256, 10, rng=rng))
 

@@ -1,4 +1,4 @@
-"""B1-B3: RPC latency, throughput and bandwidth against one echo worker (BENCH.md)."""
+"""B1-B3: RPC latency, throughput and bandwidth against one echo worker (docs/BENCH.md)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """`asyncgrad bench --soak`: B5's job for 10,000 steps, once undisturbed and once under chaos.
 
-The job is BENCH.md's B5 setup (a parameter server and two trainers as `asyncgrad worker`
+The job is docs/BENCH.md's B5 setup (a parameter server and two trainers as `asyncgrad worker`
 processes, the MLP 784-256-10, `DistributedOptimizer` SGD) with the `soak.Trainer` of
 workers/soak.py, whose every step has a deadline and is retried, boundedly, when it fails.
 The job keeps a checkpoint of the model (every twentieth of the run, at least 50 steps).
@@ -13,7 +13,7 @@ The job keeps a checkpoint of the model (every twentieth of the run, at least 50
   stopped and a new, empty one started at the same address. Every step must still finish;
   the figures say which errors the steps saw, how many were retried, how long each
   recovery took.
-- `faults`: the same job through every fault API.md's failure semantics speak of, none of
+- `faults`: the same job through every fault README's failure semantics speak of, none of
   which may free state or apply a step twice: a trainer, then the parameter server,
   frozen for 10 s (SIGSTOP), `CLIENT PAUSE 4000 WRITE`, `DEBUG SLEEP 3`, Redis at
   `maxmemory` for 2 s, and malformed reply-kind messages in every inbox.
@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from asyncgrad.bench.driver import parse_info
-from asyncgrad.bench.options import Options
+from asyncgrad.bench.options import Options, Progress
 from asyncgrad.embedded import find_redis_server, redis_version
 from asyncgrad.errors import ContextError, OutcomeUnknown, RpcError, TransportError
 from asyncgrad.local_cluster import LocalCluster
@@ -106,14 +106,28 @@ class SoakFailed(RuntimeError):
 def soak(options: Options) -> dict[str, Any]:
     """The long run, undisturbed: memory must come back to where it was, no step may fail."""
     return soak_job(
-        _steps(options), (), options.redis_url, options.namespace, options.failure_timeout
+        _steps(options),
+        (),
+        options.redis_url,
+        options.namespace,
+        options.failure_timeout,
+        progress=options.progress,
+        label="S1",
     )
 
 
 def chaos(options: Options) -> dict[str, Any]:
     """The same job with a worker killed and Redis restarted (always an embedded Redis of its
     own: the one restarted)."""
-    return soak_job(_steps(options), CHAOS, None, options.namespace, options.failure_timeout)
+    return soak_job(
+        _steps(options),
+        CHAOS,
+        None,
+        options.namespace,
+        options.failure_timeout,
+        progress=options.progress,
+        label="S2",
+    )
 
 
 def faults(options: Options) -> dict[str, Any]:
@@ -128,6 +142,8 @@ def faults(options: Options) -> dict[str, Any]:
         options.namespace,
         options.failure_timeout,
         server_options=debug,
+        progress=options.progress,
+        label="S3",
     )
 
 
@@ -145,13 +161,16 @@ def soak_job(
     workers: dict[str, list[str]] | None = None,
     server_options: tuple[str, ...] = (),
     inject: Injector | None = None,
+    progress: Progress | None = None,
+    label: str = "soak",
 ) -> dict[str, Any]:
     """Run the job for `steps` parameter-server steps (half per trainer), injecting `faults`.
 
     Returns the bench record: `ok` (every check held), `params`, `figures`, `violations`.
     `workers` overrides the modules each worker imports (a test swaps in a leaky one);
     `inject` does the faults of kinds this module does not know (a test's Redis Cluster
-    failover), returning what to record of each.
+    failover), returning what to record of each. `progress` hears what the job is doing
+    (`label: ...`), and, always, each fault before it is injected.
     """
     per_trainer = steps // len(TRAINERS)
     warmup = min(200, max(20, per_trainer // 5)) if warmup is None else warmup
@@ -163,8 +182,11 @@ def soak_job(
     )
     if namespace:
         cluster.namespace = namespace
+    say = _Say(progress or Progress(), label)
+    where = "an embedded Redis" if redis_url is None else "the given Redis"
+    say.step(f"starting ps, {', '.join(TRAINERS)} on {where}")
     with cluster:
-        job = _Job(cluster, per_trainer, warmup, faults, failure_timeout, inject)
+        job = _Job(cluster, per_trainer, warmup, faults, failure_timeout, inject, say)
         figures: dict[str, Any] = run_loop(job.run())
     violations = _violations(figures, faults)
     return {
@@ -268,10 +290,12 @@ class _Job:
         faults: Sequence[Fault],
         failure_timeout: float,
         inject: Injector | None = None,
+        say: _Say | None = None,
     ) -> None:
         assert cluster.redis_url is not None
         self.cluster, self.steps, self.warmup, self.faults = cluster, steps, warmup, faults
         self.failure_timeout, self.inject = failure_timeout, inject
+        self.say = say or _Say(Progress(), "soak")
         self.probe = _Probe(cluster.redis_url)
         self.agent: Agent | None = None
         self.ps: RRef[Any] | None = None
@@ -298,14 +322,23 @@ class _Job:
             await trainer.rpc_async().bind(self.ps)
             self.trainers[name] = trainer
         await self._save_checkpoint(0)
+        self.say.step(f"warm-up, {self.warmup:,} steps per trainer")
         await self._train(self.warmup, Board(TRAINERS), ())
         # Redis's memory is compared only in the run it is not restarted in.
+        if not self.faults:
+            self.say.step("waiting for Redis's memory to hold still (the baseline)")
         before = None if self.faults else await self._settle()
         rss_before = self._rss()
         board = Board(TRAINERS)
+        total = self.steps * len(TRAINERS)
+        faults = f", {len(self.faults)} faults on the way" if self.faults else ""
+        self.say.step(f"measuring {total:,} steps{faults}")
         started = time.perf_counter()
         reports = await self._train(self.steps, board, self.faults)
         wall = time.perf_counter() - started
+        self.say.step(f"{total:,} steps in {wall:.1f} s ({total / wall:,.0f} steps/s)")
+        if not self.faults:
+            self.say.step("waiting for Redis's memory to hold still again")
         after = None if self.faults else await self._settle()
         rss_after = self._rss()
         figures = self._figures(reports, wall, rss_before, rss_after)
@@ -357,13 +390,23 @@ class _Job:
         every = _checkpoint_every(total)
         plan: list[tuple[float, Fault | None]] = [(f.at * total, f) for f in faults]
         plan += [(float(n), None) for n in range(every, total, every)]
+        started = shown = time.monotonic()
         for at, fault in sorted(plan, key=lambda p: (p[0], p[1] is None)):
             if not await board.reached(int(at)):
                 return
+            done = sum(board.done.values())
             if fault is None:
-                await self._save_checkpoint(sum(board.done.values()))
+                await self._save_checkpoint(done)
+                if time.monotonic() - shown >= 3.0:
+                    shown = time.monotonic()
+                    rate = done / (shown - started)
+                    self.say.step(f"{done:,} of {total:,} steps ({rate:,.0f} steps/s)")
             else:
+                self.say.notice(f"injecting at step {done:,}: {describe(fault)}")
+                began = time.monotonic()
                 await self._inject(fault, board)
+                what = f"{fault.kind} {fault.target}".rstrip()
+                self.say.notice(f"fault over ({what}, {time.monotonic() - began:.1f} s)")
                 # Training goes on before the next fault (one that came due meanwhile, as
                 # during a 10 s freeze, would else follow at once): each one's figures are
                 # its own.
@@ -538,6 +581,58 @@ def _recovery(fault: dict[str, Any], reports: dict[str, dict[str, Any]]) -> dict
     known = [t for t in (p["first_step_after_s"] for p in per_trainer.values()) if t is not None]
     out["recovered_after_s"] = max(known) if known else None
     return out
+
+
+class _Say:
+    """Progress lines of one run, each prefixed with its label (`S2: ...`)."""
+
+    def __init__(self, progress: Progress, label: str) -> None:
+        self.progress, self.label = progress, label
+
+    def step(self, text: str) -> None:
+        self.progress.step(f"{self.label}: {text}")
+
+    def notice(self, text: str) -> None:
+        self.progress.notice(f"{self.label}: {text}")
+
+
+# What the agents log while each fault lasts: said before it starts, so that no WARNING
+# line of a fault the soak injected itself reads like a failure of its own.
+_REDIS_AWAY = "WARNING lines from the agents (reconnect_failed, heartbeat_failed, inbox_lost)"
+
+
+def describe(fault: Fault) -> str:
+    """What `fault` does, and what a reader of the log will see meanwhile."""
+    seconds = f"{fault.downtime:g} s"
+    if fault.kind == "kill":
+        return (
+            f"{fault.target} killed (SIGKILL) and started again; the job restores it from its "
+            "checkpoint, and the steps it broke are retried"
+        )
+    if fault.kind == "redis":
+        return (
+            f"Redis stopped for {seconds}, then an empty one started at the same address; "
+            f"expect {_REDIS_AWAY} until it is back"
+        )
+    if fault.kind == "stop":
+        held = "its own steps wait" if fault.target != "ps" else "steps fail and are retried"
+        return f"{fault.target} frozen {seconds} (SIGSTOP); {held} until it thaws (SIGCONT)"
+    if fault.kind == "pause":
+        ms = int(fault.downtime * 1000)
+        return f"Redis takes no writes for {seconds} (CLIENT PAUSE {ms} WRITE); steps wait"
+    if fault.kind == "sleep":
+        return f"Redis answers nothing for {seconds} (DEBUG SLEEP {fault.downtime:g}); steps wait"
+    if fault.kind == "oom":
+        return (
+            f"Redis full for {seconds} (maxmemory below used_memory): writes fail with OOM, "
+            "the steps that hit it are retried; expect a WARNING heartbeat_failed ... OOM"
+        )
+    if fault.kind == "garbage":
+        return (
+            "a malformed message into every agent's inbox; each is dead-lettered; expect a "
+            "WARNING dead_letter from the driver (the workers' are in their logs, -v)"
+        )
+    return f"{fault.kind} {fault.target}".strip()
 
 
 def _flat(fields: dict[bytes, bytes]) -> list[Any]:

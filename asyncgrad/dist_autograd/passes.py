@@ -1,5 +1,5 @@
 """`Pass`: this worker's part of one backward pass in one context, and all its bookkeeping
-(DESIGN.md, "The distributed backward, step by step").
+(README, "How it works": the distributed backward).
 
 A pass spreads like a diffusing computation: the caller sends PASS_START to the peers its
 context reached; a worker that hears of the pass for the first time makes the sender its

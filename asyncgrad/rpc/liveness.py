@@ -8,7 +8,7 @@ not reconnected within one. A Redis that stalled, restarted or failed over, or t
 process frozen, is then nobody's suspicion: every agent's beats stopped alike, and each
 beats again within a heartbeat interval once it can (a fraction of the window).
 
-Suspicion is not death (DESIGN.md): the watch reports `suspect(name, away)` every check
+Suspicion is not death (README): the watch reports `suspect(name, away)` every check
 while an agent it watches stays suspected, with `away` the seconds it has been suspected
 while this agent could tell; and every check reports `born(name, ms)`, when (on Redis's
 clock) the incarnation now under that name began: one that began after some event proves

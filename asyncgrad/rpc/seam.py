@@ -1,4 +1,4 @@
-"""How RPC sees distributed autograd: the seam between the two layers (DESIGN.md), kept
+"""How RPC sees distributed autograd: the seam between the two layers (README, "Layout"), kept
 small and visible here. The agent builds the other side (`dist_autograd.Contexts`) and
 hands it to the parts that make and serve calls.
 """

@@ -1,7 +1,7 @@
 """A lean Redis client: RESP2 over one socket, parsed by hiredis, pipelined.
 
 Why not redis-py on the hot path: its per-command overhead is 70-180 us on this kind of
-machine (bench/REDIS_FLOOR.md), as much as a whole Redis round trip. Here a command is
+machine (docs/REDIS_FLOOR.md), as much as a whole Redis round trip. Here a command is
 `pack_command` plus one future; every command issued in one event-loop tick leaves in a
 single write, and replies are matched to waiters in order. Large buffers are written as
 they are (a memoryview of an array is never joined into a new bytes object).
