@@ -48,8 +48,8 @@ __all__ = [
 class AsyncgradError(Exception):
     """Root of every error asyncgrad raises on its own account.
 
-    `may_have_run`: whether the call that raised it may have run on its target (API.md,
-    "Failure semantics"); True unless the error proves that it did not.
+    `may_have_run`: whether the call that raised it may have run on its target (README.md,
+    "When things fail"); True unless the error proves that it did not.
     """
 
     may_have_run: bool = True

@@ -1,4 +1,5 @@
-"""API.md's failure semantics, tried on real processes and a Redis of this module's own.
+"""The failure semantics (README.md, "When things fail"), tried on real processes and a
+Redis of this module's own.
 
 Each test does the fault to real things (SIGSTOP/SIGCONT, SIGKILL, `DEBUG SLEEP`,
 `CLIENT PAUSE`, `maxmemory`, garbage written into an inbox) and states what the caller

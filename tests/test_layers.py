@@ -83,6 +83,7 @@ LAYER_OF = {
     "bench.suite": "app",
     "bench.report": "app",
     "bench.torch_side": "app",
+    "bench.records": "app",
     "cli": "app",
     "startup": "app",
     "__main__": "app",

@@ -1,4 +1,4 @@
-"""The public names of API.md, pinned."""
+"""The public names, pinned (README.md shows them)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The RPC contract of API.md, in process: several agents in one event loop, real Redis.
+"""The RPC contract (README.md, "RPC"), in process: several agents in one event loop, real Redis.
 
 Each test makes its agents with `make_agent` (or `async with Agent(...)` where entering
 the block is the point) in its own namespace. A call is held in flight with a `Gate`

@@ -4,7 +4,6 @@ with two concurrent trainers), as docs/BENCH.md defines them."""
 from __future__ import annotations
 
 import asyncio
-import statistics
 import time
 from typing import Any
 
@@ -13,6 +12,7 @@ import numpy as np
 from asyncgrad import dist_autograd
 from asyncgrad.bench.driver import CpuMeter, drive, scale
 from asyncgrad.bench.options import Options
+from asyncgrad.bench.records import b5_record
 from asyncgrad.rpc import Agent
 from asyncgrad.tensor import Tensor, tensor
 
@@ -129,33 +129,14 @@ def b5_param_server(options: Options) -> dict[str, Any]:
         runs = [r.rpc_async(timeout=600).run() for r in runners]
         results: list[dict[str, list[float]]] = await asyncio.gather(*runs)
         wall = time.perf_counter() - started
-        figures: dict[str, Any] = {
-            "total_steps_per_s": len(trainers) * steps / wall,
-            "wall_s": wall,
-        }
-        fell = True
-        for name, result in zip(trainers, results, strict=True):
-            losses, step_ms = result["losses"], result["step_ms"]
-            first, last = float(np.mean(losses[:10])), float(np.mean(losses[-10:]))
-            figures[f"{name}_first10_loss"] = first
-            figures[f"{name}_last10_loss"] = last
-            figures[f"{name}_median_ms_per_step"] = statistics.median(step_ms)
-            figures[f"{name}_steps_per_s"] = steps / (sum(step_ms) / 1000)
-            fell = fell and last < first
-        steady = sum(sum(r["step_ms"][10:]) for r in results) / len(results) / 1000
-        figures["total_steps_per_s_excl_first10"] = len(trainers) * (steps - 10) / steady
-        figures["loss_fell"] = fell
-        return {
-            "params": {
-                "roles": "driver(coord only), ps, trainer1, trainer2",
-                "model": "Linear(784,256)-ReLU-Linear(256,10) on ps",
-                "batch": 64,
-                "steps_per_trainer": steps,
-                "optimizer": f"DistributedOptimizer(SGD lr={lr})",
-                "concurrent_trainers": 2,
-            },
-            "figures": figures,
-        }
+        return b5_record(
+            trainers,
+            steps,
+            lr,
+            wall,
+            [r["losses"] for r in results],
+            [[ms / 1000 for ms in r["step_ms"]] for r in results],
+        )
 
     workers = {
         "ps": ["asyncgrad.workloads.param_server"],

@@ -12,16 +12,13 @@ import numpy as np
 
 from asyncgrad.bench.driver import CpuMeter, drive, scale
 from asyncgrad.bench.options import Options
+from asyncgrad.bench.records import b1_record, b2_params
 from asyncgrad.rpc import Agent
 from asyncgrad.tensor import Tensor, tensor
 
 __all__ = ["b1_latency", "b2_throughput", "b3_bandwidth", "throughput"]
 
 ECHO = {"worker1": ["asyncgrad.workloads.echo"]}
-
-
-def _percentile(sorted_values: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(sorted_values), q))
 
 
 def b1_latency(options: Options) -> dict[str, Any]:
@@ -38,22 +35,7 @@ def b1_latency(options: Options) -> dict[str, Any]:
             out = await agent.rpc_async("worker1", "echo", args=(x,))
             latencies.append(clock() - t0)
         assert np.array_equal(out.data, x.data)
-        us = sorted(v / 1000 for v in latencies)
-        return {
-            "params": {
-                "calls": calls,
-                "warmup": warmup,
-                "tensor": "float32[16]",
-                "target": "worker1",
-            },
-            "figures": {
-                "median_us": _percentile(us, 50),
-                "p90_us": _percentile(us, 90),
-                "p99_us": _percentile(us, 99),
-                "mean_us": statistics.fmean(us),
-                "min_us": us[0],
-            },
-        }
+        return b1_record(calls, warmup, latencies)
 
     return drive(options, ECHO, body)
 
@@ -88,13 +70,7 @@ async def throughput(
     if meter and before:
         figures["cpu_us_per_call"] = (await meter.sample()).since(before, calls, 1e-6)
     return {
-        "params": {
-            "calls": calls,
-            "max_in_flight": window,
-            "warmup_calls": warmup,
-            "tensor": "float32[16]",
-            "window": "sliding: when 256 outstanding, wait on the oldest",
-        },
+        "params": b2_params(calls, window, warmup),
         "figures": figures,
     }
 

@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from asyncgrad.bench.records import b1_record, b2_params, b5_record, percentile
+
 if TYPE_CHECKING:
     import torch
 
@@ -57,10 +59,6 @@ _STATE: dict[str, Any] = {}  # what a rank holds for a workload: W (B4), model (
 def scale(n: int, quick: bool, minimum: int = 1) -> int:
     """`n`, or about a tenth of it with `--quick`, as asyncgrad's side scales."""
     return max(minimum, n // 10) if quick else n
-
-
-def _percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
 
 
 def _quiet() -> None:
@@ -188,17 +186,7 @@ def drive_b1(quick: bool) -> dict[str, Any]:
         out = rpc.rpc_sync("worker1", echo, args=(x,))
         latencies.append(clock() - t0)
     assert torch.equal(out, x)
-    us = sorted(v / 1000 for v in latencies)
-    return {
-        "params": {"calls": calls, "warmup": warmup, "tensor": "float32[16]", "target": "worker1"},
-        "figures": {
-            "median_us": _percentile(us, 50),
-            "p90_us": _percentile(us, 90),
-            "p99_us": _percentile(us, 99),
-            "mean_us": statistics.fmean(us),
-            "min_us": us[0],
-        },
-    }
+    return b1_record(calls, warmup, latencies)
 
 
 def drive_b2(quick: bool) -> dict[str, Any]:
@@ -222,13 +210,7 @@ def drive_b2(quick: bool) -> dict[str, Any]:
     run(calls)
     elapsed = time.perf_counter() - t0
     return {
-        "params": {
-            "calls": calls,
-            "max_in_flight": window,
-            "warmup_calls": warmup,
-            "tensor": "float32[16]",
-            "window": "sliding: when 256 outstanding, wait on the oldest",
-        },
+        "params": b2_params(calls, window, warmup),
         "figures": {"calls_per_s": calls / elapsed, "elapsed_s": elapsed},
     }
 
@@ -309,8 +291,8 @@ def drive_b4(quick: bool) -> dict[str, Any]:
         },
         "figures": {
             "steps_per_s": timed / total,
-            "median_ms_per_step": _percentile(ms, 50),
-            "p90_ms_per_step": _percentile(ms, 90),
+            "median_ms_per_step": percentile(ms, 50),
+            "p90_ms_per_step": percentile(ms, 90),
             "loss": loss,
             "grad_norms": norms,
             "grad_norm_max_rel_err_vs_local": max(
@@ -334,30 +316,14 @@ def drive_b5(quick: bool) -> dict[str, Any]:
     runs = [rpc.rpc_async(t, trainer_run, timeout=0) for t in trainers]
     results = [future.wait() for future in runs]
     wall = time.perf_counter() - started
-    figures: dict[str, Any] = {"total_steps_per_s": len(trainers) * steps / wall, "wall_s": wall}
-    fell = True
-    for name, result in zip(trainers, results, strict=True):
-        losses, step_ns = result["losses"], result["step_ns"]
-        first, last = float(np.mean(losses[:10])), float(np.mean(losses[-10:]))
-        figures[f"{name}_first10_loss"] = first
-        figures[f"{name}_last10_loss"] = last
-        figures[f"{name}_median_ms_per_step"] = statistics.median(step_ns) / 1e6
-        figures[f"{name}_steps_per_s"] = steps / (sum(step_ns) / 1e9)
-        fell = fell and last < first
-    steady = sum(sum(r["step_ns"][10:]) for r in results) / len(results) / 1e9
-    figures["total_steps_per_s_excl_first10"] = len(trainers) * (steps - 10) / steady
-    figures["loss_fell"] = fell
-    return {
-        "params": {
-            "roles": "driver(coord only), ps, trainer1, trainer2",
-            "model": "Linear(784,256)-ReLU-Linear(256,10) on ps",
-            "batch": 64,
-            "steps_per_trainer": steps,
-            "optimizer": f"DistributedOptimizer(SGD lr={lr})",
-            "concurrent_trainers": len(trainers),
-        },
-        "figures": figures,
-    }
+    return b5_record(
+        trainers,
+        steps,
+        lr,
+        wall,
+        [r["losses"] for r in results],
+        [[ns / 1e9 for ns in r["step_ns"]] for r in results],
+    )
 
 
 DRIVERS: dict[str, Callable[[bool], dict[str, Any]]] = {
