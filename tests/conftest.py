@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import select
@@ -99,6 +100,21 @@ def own_namespace(redis_url: str) -> Iterator[str]:
         keys = list(client.scan_iter(match=f"{ns}:*", count=1000))
         if keys:
             client.delete(*keys)
+
+
+@pytest.fixture(autouse=True)
+def young_heap() -> Iterator[None]:
+    """Within a test, `gc.collect()` scans only what the test made.
+
+    Tests collect garbage to release RRefs nobody holds, often in a loop. A full collection
+    of the whole suite's heap (torch included) holds the GIL for hundreds of ms, so the
+    agents' heartbeat threads in this process beat late, and an agent that cannot beat on
+    time rightly refuses to count anyone's heartbeat as missed (a test waiting for a
+    suspicion then waits in vain). Unfrozen after the test: its garbage goes as usual.
+    """
+    gc.freeze()
+    yield
+    gc.unfreeze()
 
 
 @pytest.fixture
