@@ -220,8 +220,10 @@ def _stopped(args: argparse.Namespace) -> str:
         workers = f" and the workers it started ({spawned})" if spawned else ""
         return f"stopped job {args.name!r}{workers}"
     if args.command == "demo":
+        from asyncgrad.job import DEMO_WORKERS
+
         redis = "" if args.redis else " and its Redis"
-        return f"stopped the demo's job, its workers ps, trainer1, trainer2{redis}"
+        return f"stopped the demo's job, its workers {', '.join(DEMO_WORKERS)}{redis}"
     if args.command == "worker":
         return f"stopped worker {args.name!r} before it served"
     return f"stopped {args.command}"

@@ -77,11 +77,7 @@ async def collect(url: str, namespace: str, gone_for: float = GONE_FOR) -> list[
             conn.execute("HGETALL", transport.registry(namespace)), conn.execute("TIME")
         )
         now_ms = int(now[0]) * 1000 + int(now[1]) // 1000
-        agents = {
-            k[2:].decode(): int(v)
-            for k, v in zip(flat[::2], flat[1::2], strict=True)
-            if k.startswith(b"n:")
-        }
+        agents = transport.registered(flat)
         rows = await asyncio.gather(
             *(_one(conn, namespace, n, i, now_ms) for n, i in agents.items())
         )
@@ -170,8 +166,11 @@ def render(
     if console.is_terminal:
         console.print(_table(rows, namespace, rates, console.width))
         return
-    header = list(_COLUMNS) + (["msgs/s"] if rates is not None else [])
-    _plain(console.file, f"asyncgrad namespace {namespace!r}", header, _lines(rows, rates))
+    _plain(console.file, f"asyncgrad namespace {namespace!r}", _header(rates), _lines(rows, rates))
+
+
+def _header(rates: Rates | None) -> list[str]:
+    return list(_COLUMNS) + (["msgs/s"] if rates is not None else [])
 
 
 def _lines(rows: list[WorkerStatus], rates: Rates | None) -> list[list[str]]:
@@ -184,7 +183,7 @@ def _table(
     """A table if it fits in `width` (headers may wrap at spaces), else one paragraph per
     agent: a name is never cut."""
     title = f"asyncgrad namespace {namespace!r}"
-    header = list(_COLUMNS) + (["msgs/s"] if rates is not None else [])
+    header = _header(rates)
     lines = _lines(rows, rates)
     needs = sum(
         max(max(len(word) for word in h.split()), *(len(c) for c in column)) + 3

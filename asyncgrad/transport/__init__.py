@@ -38,6 +38,7 @@ from asyncgrad.transport.keys import (
     heartbeat,
     inbox,
     namespace_of,
+    registered,
     registry,
     seen,
 )
@@ -62,6 +63,7 @@ __all__ = [
     "heartbeat_fields",
     "inbox",
     "live_namespaces",
+    "registered",
     "registry",
     "seen",
 ]
@@ -280,8 +282,7 @@ class Transport:
     async def agents(self) -> dict[str, int]:
         """Every agent ever registered in the namespace, with its id."""
         (flat,) = await self._read([("HGETALL", registry(self.namespace))])
-        pairs = zip(flat[::2], flat[1::2], strict=True)
-        return {k[2:].decode(): int(v) for k, v in pairs if k.startswith(b"n:")}
+        return registered(flat)
 
     async def _read(self, commands: list[tuple[Arg, ...]]) -> list[Any]:
         """Read-only commands, asked again once the writer is back if its connection
@@ -310,9 +311,9 @@ async def forget(address: RedisAddress, namespace: str, names: Sequence[str]) ->
             agent_id = await conn.execute("HGET", registry(namespace), f"n:{name}")
             if agent_id is not None:
                 await conn.execute("EVAL", UNREGISTER, 1, registry(namespace), name, agent_id)
-            for key in (inbox(namespace, name), dead_letters(namespace, name)):
-                await conn.execute("DEL", key)
-            await conn.execute("DEL", seen(namespace, name))
+            # One slot (the name's hash tag), so one command also on a Redis Cluster.
+            keys = (inbox(namespace, name), dead_letters(namespace, name), seen(namespace, name))
+            await conn.execute("DEL", *keys)
     finally:
         conn.close()
 

@@ -21,6 +21,7 @@ __all__ = [
     "heartbeat",
     "inbox",
     "namespace_of",
+    "registered",
     "registry",
     "seen",
 ]
@@ -59,6 +60,12 @@ def registry(namespace: str) -> str:
     cleanly (a crashed one stays, with its inbox, until an agent of that name starts and
     stops cleanly; `asyncgrad status` lists it as gone for a while, by its `seen` key)."""
     return f"{namespace}:registry"
+
+
+def registered(flat: list[bytes]) -> dict[str, int]:
+    """Name -> id, from `HGETALL` of a `registry` hash."""
+    pairs = zip(flat[::2], flat[1::2], strict=True)
+    return {k[2:].decode(): int(v) for k, v in pairs if k.startswith(b"n:")}
 
 
 # Every live agent's heartbeat, in any namespace (a SCAN pattern).
