@@ -2,7 +2,8 @@
 
     AsyncgradError
     ├── CodecError            a value cannot be encoded, or bytes cannot be decoded
-    │   └── MessageError      a message decoded, but its fields are not what its kind needs
+    │   ├── MessageError      a message decoded, but its fields are not what its kind needs
+    │   └── TransferLost      a large frame of a message could not be fetched from its sender
     ├── TransportError        Redis is unreachable or answered with an error
     │   ├── AgentNameTaken    a live agent already holds the name in its namespace
     │   ├── ConnectionLost    the connection to Redis closed or could not be made
@@ -40,6 +41,7 @@ __all__ = [
     "RRefReleased",
     "RemoteError",
     "RpcError",
+    "TransferLost",
     "TransportError",
     "WorkerUnavailable",
 ]
@@ -66,6 +68,11 @@ class CodecError(AsyncgradError):
 
 class MessageError(CodecError):
     """A message decoded, but its fields are not what its kind requires."""
+
+
+class TransferLost(CodecError):
+    """A message's large frame could not be fetched from its sender (it died or stopped
+    answering mid-transfer, or no longer held it): the message cannot be handled."""
 
 
 class TransportError(AsyncgradError):

@@ -24,7 +24,7 @@ import logging
 import os
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 from asyncgrad.codec import DEFAULT_MAX_SIZE
 from asyncgrad.dist_autograd.contexts import Contexts
@@ -40,7 +40,9 @@ from asyncgrad.rpc.rref import RRef
 from asyncgrad.rpc.server import Server
 from asyncgrad.rpc.wire import MessageCodec, Wire
 from asyncgrad.transport import (
+    DEFAULT_INLINE_LIMIT,
     DEFAULT_URL,
+    DataSettings,
     Inbound,
     RedisAddress,
     Transport,
@@ -92,6 +94,11 @@ class Agent:
     `rediss://` (TLS), `unix:///path/to/redis.sock`, and for a Redis Cluster
     `redis+cluster://[user:password@]host:port[,host:port...]` (some of its nodes; or
     `rediss+cluster://`): see `asyncgrad.transport.resp`.
+
+    Arrays above `inline_limit` bytes travel directly between agents, not through Redis
+    (`data_plane="redis"`: never); other agents fetch them from this one's data port,
+    `data_host:data_port` (None: the address this host reaches Redis from; 0: any free
+    port), advertised as `$ASYNCGRAD_DATA_HOST` if set (behind NAT, in a container).
     """
 
     def __init__(
@@ -104,6 +111,10 @@ class Agent:
         failure_timeout: float = 5.0,
         rref_lease: float = 300.0,
         max_message_size: int = DEFAULT_MAX_SIZE,
+        inline_limit: int = DEFAULT_INLINE_LIMIT,
+        data_plane: Literal["direct", "redis"] = "direct",
+        data_host: str | None = None,
+        data_port: int = 0,
     ) -> None:
         self.name = name
         self.namespace = namespace
@@ -123,6 +134,9 @@ class Agent:
             settings,
             open_contexts=self._open_contexts,
             on_inbox_lost=self._on_inbox_lost,
+            data=DataSettings(
+                data_plane, inline_limit, data_host, data_port, max_size=max_message_size
+            ),
         )
         self._lifecycle = Lifecycle(name)
         codec = MessageCodec(max_message_size, RRef, self._held_rref)
@@ -378,6 +392,13 @@ class Agent:
                 f"no live worker named {name!r} in namespace {self.namespace!r}"
             )
         return WorkerInfo(name, agents[name])
+
+    def data_plane_stats(self) -> dict[str, int]:
+        """Frames this agent sent and got by each path: `sent_direct` (as references),
+        `sent_inline` (above the limit, inline to a receiver that asked for that),
+        `served_local`/`served_tcp`/`served_redis` (fetched from here, by each path),
+        `fetched_local`/`fetched_tcp`/`fetched_redis` (fetched by this agent)."""
+        return dict(self._transport.data.counts)
 
     async def alive(self, names: list[str]) -> list[bool]:
         """Whether each named agent's heartbeat is current."""

@@ -26,6 +26,7 @@ from asyncgrad.errors import (
     RpcError,
     RPCTimeout,
     RRefReleased,
+    TransferLost,
     TransportError,
     WorkerUnavailable,
 )
@@ -171,7 +172,11 @@ class Calls:
             self._wire.dead_letter(message, f"bad reply: {e}")
             pending = self._pending.get(header.reply_to)
             if pending is not None:
-                _fail(pending.future, e)
+                error: Exception = e
+                if isinstance(e, TransferLost):  # it ran; its result is gone
+                    why = f"the call ran on {header.sender!r}, but its result was lost: {e}"
+                    error = OutcomeUnknown(why)
+                _fail(pending.future, error)
             return
         self._wire.done(message)
         if header.context is not None:

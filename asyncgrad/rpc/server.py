@@ -17,7 +17,14 @@ from types import FunctionType
 from typing import Any
 
 from asyncgrad.codec import UnencodableError, path_text
-from asyncgrad.errors import CodecError, NotExposedError, RpcError, RRefReleased, TransportError
+from asyncgrad.errors import (
+    CodecError,
+    NotExposedError,
+    RpcError,
+    RRefReleased,
+    TransferLost,
+    TransportError,
+)
 from asyncgrad.messages import Call, ContextRecord, Header, Kind, Reply
 from asyncgrad.rpc import exposed
 from asyncgrad.rpc.lifecycle import Lifecycle
@@ -98,6 +105,13 @@ class Server:
         try:
             payload, tensors = self._wire.decode(message)
             call = Call.from_wire(payload)
+        except TransferLost as e:
+            # The call never ran, and never will: its caller may send it again.
+            self._wire.dead_letter(message, f"call's data lost: {e}")
+            why = f"{self._wire.name!r} could not fetch the call's arguments: {e}"
+            refusal = Reply(error=("WorkerUnavailable", why, ""), refused=True)
+            context.run(self._reply, header, refusal)
+            return
         except CodecError as e:
             self._wire.dead_letter(message, f"bad call: {e}")
             context.run(self._reply, header, Reply(error=("CodecError", str(e), "")))

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from asyncgrad.codec import Codec, Extension
-from asyncgrad.errors import CodecError, MessageError, RpcError
+from asyncgrad.errors import CodecError, MessageError, RpcError, TransferLost
 from asyncgrad.messages import (
     AUTOGRAD_RECORDS,
     AutogradRecord,
@@ -295,7 +295,10 @@ class Wire:
     # *** in ***
 
     def decode(self, message: Inbound) -> tuple[Any, list[Tensor]]:
-        """A message's payload, and the tensors in it that required grad on the sender."""
+        """A message's payload, and the tensors in it that required grad on the sender;
+        `TransferLost` if a frame of it could not be fetched."""
+        if message.lost:
+            raise TransferLost(message.lost)
         return self._codec.decode_payload(message.frames[1:])
 
     def done(self, message: Inbound) -> None:

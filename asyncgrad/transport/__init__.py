@@ -25,6 +25,8 @@ from typing import Any
 from asyncgrad.errors import TransportError
 from asyncgrad.transport.cluster import RedisLink, connect
 from asyncgrad.transport.connections import Endpoint, TransportSettings
+from asyncgrad.transport.data import DEFAULT_INLINE_LIMIT, DataPlane, DataSettings
+from asyncgrad.transport.data.reference import TOKEN_BYTES
 from asyncgrad.transport.heartbeats import Heartbeat, heartbeat_fields
 from asyncgrad.transport.keys import (
     GROUP,
@@ -47,7 +49,9 @@ from asyncgrad.transport.resp import DEFAULT_URL, Arg, ConnectionLost, RedisAddr
 from asyncgrad.transport.writer import InboxMissing, Stored, Writer
 
 __all__ = [
+    "DEFAULT_INLINE_LIMIT",
     "DEFAULT_URL",
+    "DataSettings",
     "GROUP",
     "Inbound",
     "InboxMissing",
@@ -95,6 +99,7 @@ class Transport:
         settings: TransportSettings | None = None,
         open_contexts: Callable[[], int] | None = None,
         on_inbox_lost: Callable[[], None] | None = None,
+        data: DataSettings | None = None,
     ) -> None:
         self.address = address
         self.namespace = check_name("namespace", namespace)
@@ -104,12 +109,28 @@ class Transport:
         self.received = 0
         endpoint = Endpoint(address, namespace, name, self.settings)
         self._writer = Writer(endpoint)
+        self.data = DataPlane(
+            name,
+            address,
+            data or DataSettings(),
+            self._alive_one,
+            self._writer.control,
+            check_every=self.settings.heartbeat_interval,
+        )
 
         def count(batch: list[Inbound]) -> None:
             self.received += len(batch)
             deliver(batch)
 
-        self._reader = Reader(endpoint, self._writer, count, self._register, on_inbox_lost)
+        self._reader = Reader(
+            endpoint,
+            self._writer,
+            count,
+            self._register,
+            on_inbox_lost,
+            self.data,
+            self._on_data_entry,
+        )
         self._heartbeat = Heartbeat(
             endpoint, lambda: self.id, open_contexts or (lambda: 0), lambda: self.received
         )
@@ -122,6 +143,7 @@ class Transport:
         """Connect, claim the name, register, create the inbox and its group, start
         heartbeats and reading; returns the agent's id."""
         try:
+            await self.data.start()
             await self._writer.connect()
             await self._reader.start()
         except ReplyError as e:
@@ -158,6 +180,9 @@ class Transport:
         """Stop reading, flush acks, stop heartbeats; the inbox goes if nothing waits in it."""
         if self._closing:
             return
+        # Frames held for receivers are served until fetched (within the heartbeat's TTL:
+        # past it, receivers count this agent as gone anyway); `q` entries are still read.
+        await self.data.drain(self.settings.heartbeat_ttl)
         self._closing = True
         await self._reader.close()
         # The heartbeat stops before its key is deleted, so no late beat brings it back.
@@ -165,6 +190,7 @@ class Transport:
         if self._writer.conn is not None:  # else it never connected: nothing to clean up
             await self._clean_up()
         await self._writer.close()
+        await self.data.close()
 
     async def _clean_up(self) -> None:
         """Acks, replies and the cleanup still leave if the writer is, or comes, back in time
@@ -218,13 +244,20 @@ class Transport:
         """
         if self._closing:
             raise TransportError(f"the transport of agent {self.name!r} is closed")
-        return self._writer.send(dest, frames, withdrawable)
+        frames, tokens = self.data.outgoing(dest, frames)
+        stored = self._writer.send(dest, frames, withdrawable)
+        if tokens:
+            stored.add_done_callback(lambda s: self.data.stored(tokens, _outcome(s)))
+        return stored
 
     async def withdraw(self, dest: str, entry_id: bytes) -> bool:
         """Delete the stream entry of withdrawable messages sent to `dest`, unless `dest`
         has read it already: whether they were withdrawn (they will never be read)."""
         stream = inbox(self.namespace, dest)
-        return bool(await self.execute("EVAL", WITHDRAW, 1, stream, GROUP, entry_id))
+        withdrawn = bool(await self.execute("EVAL", WITHDRAW, 1, stream, GROUP, entry_id))
+        if withdrawn:
+            self.data.withdrawn(dest, entry_id)
+        return withdrawn
 
     def post(self, dest: str, frames: list[bytes | memoryview]) -> None:
         """`send`, for a message nobody waits for: a failure to store it is only logged."""
@@ -237,6 +270,23 @@ class Transport:
     def dead_letter(self, message: Inbound, reason: str) -> None:
         """Keep a message that could not be handled in the bounded dead-letter stream."""
         self._reader.dead_letter(message, reason)
+
+    def _on_data_entry(self, fields: list[bytes]) -> None:
+        """A `q` (a receiver asks for a frame by Redis) or `d` (a sender's answer) entry;
+        `ValueError` if malformed."""
+        if len(fields) % 2 or len(fields[1]) != TOKEN_BYTES:
+            raise ValueError("not a token and field pairs")
+        token, pairs = fields[1], dict(zip(fields[2::2], fields[3::2], strict=True))
+        if fields[0] == b"q":
+            requester = check_name("agent name", pairs.get(b"a", b"").decode(errors="replace"))
+            answer = self.data.on_request(requester, token, pairs.get(b"u") == b"1")
+            self._writer.control(requester, answer).add_done_callback(_log_unstored)
+        else:
+            error = pairs.get(b"x", b"the sender sent no bytes").decode(errors="replace")
+            self.data.on_data(token, pairs.get(b"b"), error)
+
+    async def _alive_one(self, name: str) -> bool:
+        return (await self.alive([name]))[0]
 
     # *** queries ***
 
@@ -340,6 +390,12 @@ async def live_namespaces(address: RedisAddress) -> list[str] | None:
     finally:
         conn.close()
     return sorted(found)
+
+
+def _outcome(stored: Stored) -> bytes | BaseException:
+    if stored.cancelled():
+        return asyncio.CancelledError()
+    return stored.exception() or stored.result()
 
 
 def _log_unstored(stored: Stored) -> None:

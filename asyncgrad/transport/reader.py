@@ -12,12 +12,15 @@ us).
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from asyncgrad.errors import TransferLost
 from asyncgrad.transport.cluster import RedisLink
 from asyncgrad.transport.connections import Endpoint, Flapping
+from asyncgrad.transport.data import DataPlane, RefField
 from asyncgrad.transport.keys import GROUP, inbox
 from asyncgrad.transport.resp import ConnectionLost, ReplyError
 from asyncgrad.transport.writer import Writer
@@ -27,6 +30,10 @@ __all__ = ["Inbound", "Reader"]
 logger = logging.getLogger(__name__)
 
 _MAX_DELIVERIES = 3
+# Messages read and held back behind one whose frames are on their way (order is kept):
+# past this many, reading waits.
+_MAX_WAITING = 10_000
+_CONTROL = (b"q", b"d")  # entries of the data plane (`DataPlane`): a request, an answer
 # Past every pending entry: a read of history from here returns none. (Not the greatest
 # id, 2**64-1 - 2**64-1: Redis takes that one for `>`, and would deliver a new entry.)
 _LAST_ID = b"18446744073709551615-18446744073709551614"
@@ -42,12 +49,14 @@ class _Entry:
 class Inbound:
     """One received message: its frames, and the stream entry it came in. `redelivered`:
     the entry was delivered to this name before (to this run before a reconnect, or to an
-    earlier run of the agent) and never acked."""
+    earlier run of the agent) and never acked. `lost`: why a frame that went by the data
+    plane could not be fetched ("" if none was lost; the message cannot be decoded)."""
 
-    __slots__ = ("entry", "frames", "redelivered")
+    __slots__ = ("entry", "frames", "lost", "redelivered")
 
-    def __init__(self, frames: list[bytes], entry: _Entry, redelivered: bool = False) -> None:
+    def __init__(self, frames: list[Any], entry: _Entry, redelivered: bool = False) -> None:
         self.frames, self.entry, self.redelivered = frames, entry, redelivered
+        self.lost = ""
 
     @property
     def stored_ms(self) -> int:
@@ -71,8 +80,17 @@ class Reader:
         deliver: Callable[[list[Inbound]], None],
         register: Callable[[RedisLink], Awaitable[int]],
         on_inbox_lost: Callable[[], None] | None = None,
+        data: DataPlane | None = None,
+        on_control: Callable[[list[bytes]], None] | None = None,
     ) -> None:
         self._endpoint = endpoint
+        self._data = data
+        self._on_control = on_control
+        # Messages read behind one whose frames are being fetched: delivered in order.
+        self._waiting: collections.deque[tuple[Inbound, asyncio.Task[None] | None]] = (
+            collections.deque()
+        )
+        self._paused = False  # too many waiting: the next read waits for them
         self._writer = writer
         self._deliver = deliver
         self._register = register
@@ -102,6 +120,11 @@ class Reader:
     async def close(self) -> None:
         """Stop reading; unacked entries stay pending, for the next run under this name."""
         self._closing = True
+        fetching = [task for _, task in self._waiting if task is not None]
+        for task in fetching:
+            task.cancel()
+        await asyncio.gather(*fetching, return_exceptions=True)
+        self._waiting.clear()
         if self.conn is not None:
             self.conn.close()
         if self._recovering is not None:
@@ -138,6 +161,9 @@ class Reader:
         """Ask for the next entries; the reply arrives in `_on_read` (no task hop)."""
         reader = self.conn
         if self._closing:
+            return
+        if len(self._waiting) >= _MAX_WAITING:
+            self._paused = True  # `_release` reads again
             return
         if reader is None or not reader.is_open:
             self._recover(ConnectionLost("reader not connected"))
@@ -184,6 +210,9 @@ class Reader:
         for entry_id, fields in entries:
             if entry_id in self._in_flight:
                 continue  # re-read after a reconnect while the layer above still handles it
+            if fields and fields[0] in _CONTROL:
+                self._control(entry_id, fields)
+                continue
             messages = _split(fields) if fields else None
             if messages is None:
                 if fields:  # a deleted entry still pending has no fields: just ack it
@@ -193,9 +222,68 @@ class Reader:
                 continue
             entry = _Entry(entry_id, len(messages))
             self._in_flight.add(entry_id)
-            batch += [Inbound(frames, entry, redelivered) for frames in messages]
+            for frames in messages:
+                message = Inbound(frames, entry, redelivered)
+                if self._waiting or (self._data is not None and _refers(frames)):
+                    self._hold(message)
+                else:
+                    batch.append(message)
         if batch:
             self._deliver(batch)
+
+    def _control(self, entry_id: bytes, fields: list[bytes]) -> None:
+        """A data plane entry: handled at once, and acked (a `d` holds a whole frame)."""
+        try:
+            if self._on_control is None:
+                raise ValueError("this agent has no data plane")
+            self._on_control(fields)
+        except ValueError as e:
+            self._writer.dead_letter(entry_id, fields, f"bad data plane entry: {e}")
+        self._writer.ack(entry_id)
+
+    # *** frames fetched by the data plane ***
+
+    def _hold(self, message: Inbound) -> None:
+        """Keep a message until it, and every message read before it, can be delivered."""
+        task = None
+        if self._data is not None and _refers(message.frames):
+            task = asyncio.get_running_loop().create_task(self._fetch(message))
+            task.add_done_callback(self._release)
+        self._waiting.append((message, task))
+
+    async def _fetch(self, message: Inbound) -> None:
+        assert self._data is not None
+        try:
+            await self._data.resolve(message.frames)
+        except TransferLost as e:
+            message.lost = str(e)
+            logger.warning(
+                "event=transfer_lost agent=%s entry=%s error=%s",
+                self._endpoint.name, message.entry.id, e,
+            )  # fmt: skip
+        except Exception as e:
+            logger.exception("event=fetch_failed agent=%s", self._endpoint.name)
+            message.lost = f"fetching its frames failed: {e!r}"
+
+    def _release(self, _: object = None) -> None:
+        """Deliver the waiting messages that are ready, in the order they were read."""
+        batch: list[Inbound] = []
+        while self._waiting:
+            message, task = self._waiting[0]
+            if task is not None and not task.done():
+                break
+            self._waiting.popleft()
+            if task is not None and task.cancelled():
+                continue  # the reader closed: it stays pending, for the next run
+            batch.append(message)
+        if batch and not self._closing:
+            try:
+                self._deliver(batch)
+            except Exception:
+                logger.exception("event=receive_failed agent=%s", self._endpoint.name)
+        if self._paused and len(self._waiting) < _MAX_WAITING:
+            self._paused = False
+            self.read()
 
     # *** recovery ***
 
@@ -296,17 +384,23 @@ class Reader:
             )  # fmt: skip
 
 
-def _split(fields: list[bytes]) -> list[list[bytes]] | None:
-    """The messages of one entry, or None if the fields are not `m`/`f` pairs."""
+def _split(fields: list[bytes]) -> list[list[Any]] | None:
+    """The messages of one entry, or None if the fields are not `m`/`f`/`r` pairs."""
     if len(fields) % 2 or fields[0] != b"m":
         return None
-    messages: list[list[bytes]] = []
+    messages: list[list[Any]] = []
     for i in range(0, len(fields), 2):
         kind, value = fields[i], fields[i + 1]
         if kind == b"m":
             messages.append([value])
         elif kind == b"f":
             messages[-1].append(value)
+        elif kind == b"r":
+            messages[-1].append(RefField(value))
         else:
             return None
     return messages
+
+
+def _refers(frames: list[Any]) -> bool:
+    return RefField in map(type, frames)

@@ -2,8 +2,9 @@
 
 Messages are lists of frames; the messages sent to one inbox in one event-loop tick leave
 in one write, up to 32 to a stream entry (fields `m` for a message's first frame, `f` for
-each further frame). A write lost with its connection is sent again once the writer is back, which
-may store a message twice: the layer above drops such duplicates.
+each further frame, `r` for a reference to a frame that goes by the data plane). A write
+lost with its connection is sent again once the writer is back, which may store a
+message twice: the layer above drops such duplicates.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 from asyncgrad.errors import TransportError
 from asyncgrad.transport.cluster import RedisLink
 from asyncgrad.transport.connections import Endpoint, Flapping
+from asyncgrad.transport.data import RefField
 from asyncgrad.transport.keys import GROUP, dead_letters, inbox
 from asyncgrad.transport.resp import Arg, ConnectionLost
 
@@ -103,6 +105,14 @@ class Writer:
         self._schedule_flush()
         return future
 
+    def control(self, dest: str, fields: list[Arg]) -> Stored:
+        """An entry of the data plane's own (`q`, `d`) in `dest`'s inbox, alone."""
+        future: Stored = asyncio.get_running_loop().create_future()
+        stream = inbox(self._endpoint.namespace, dest)
+        self._write(("XADD", stream, "NOMKSTREAM", "*", *fields), self._stored(dest, [future]))
+        self._schedule_flush()
+        return future
+
     def ack(self, entry_id: bytes) -> None:
         """Ack and delete an entry of this agent's inbox."""
         self._acks.append(entry_id)
@@ -151,7 +161,7 @@ class Writer:
                 for frames, _ in batch:
                     args += [b"m", frames[0]]
                     for frame in frames[1:]:
-                        args += [b"f", frame]
+                        args += [b"r" if type(frame) is RefField else b"f", frame]
                 self._write(tuple(args), self._stored(dest, [f for _, f in batch]))
         if self._acks:
             ids, self._acks = self._acks, []

@@ -1,0 +1,255 @@
+"""Serving held frames: a local socket that passes memfds, and a TCP port that sends bytes.
+
+The local socket is an abstract unix socket (Linux): it has no file to leave behind, and
+only processes in this network namespace can connect to it. It answers on the event
+loop, from callbacks: a request is 20 bytes, an answer a header and a file descriptor.
+
+The TCP port serves other hosts (and other network namespaces). Each connection gets a
+thread of its own, since a frame of megabytes goes out in one `sendfile` (or through TLS
+when the control plane uses it) without holding up the loop. A connection must send a
+whole request within `REQUEST_TIMEOUT`, and at most `MAX_CONNECTIONS` are served at once:
+one that presents no valid token gets a short answer and costs a thread for seconds at
+most.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import ssl
+import threading
+from collections.abc import Callable
+
+from asyncgrad.transport.data.held import Held
+from asyncgrad.transport.data.memory import Snapshot
+from asyncgrad.transport.data.protocol import (
+    BYTES,
+    FD,
+    FOUND,
+    HEADER,
+    MAGIC,
+    REQUEST_BYTES,
+    UNKNOWN,
+    recv_exact,
+)
+
+__all__ = ["MAX_CONNECTIONS", "REQUEST_TIMEOUT", "DataServer"]
+
+logger = logging.getLogger(__name__)
+
+REQUEST_TIMEOUT = 10.0  # for a request to arrive (the first, or the next on a kept connection)
+SEND_TIMEOUT = 60.0  # for a receiver to take the next bytes of a frame
+MAX_CONNECTIONS = 64  # of each kind, served at once; more are closed at once
+
+_UNKNOWN = HEADER.pack(MAGIC, UNKNOWN, 0, 0, 0)
+
+
+class DataServer:
+    """Serves the frames of `held` to whoever presents their token."""
+
+    def __init__(
+        self,
+        agent: str,
+        held: Held,
+        served: Callable[[str], None],
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        self._agent = agent
+        self._held = held
+        self._served = served  # told "local" or "tcp" per frame served
+        self._tls = tls
+        self._local: socket.socket | None = None
+        self._tcp: socket.socket | None = None
+        self._local_conns: set[_LocalConnection] = set()
+        self._tcp_conns: set[socket.socket] = set()
+        self._tcp_lock = threading.Lock()
+        self.unix = b""
+        self.host, self.port = "", 0
+
+    def start_local(self) -> bytes:
+        """Listen on a fresh abstract unix socket; returns its name."""
+        name = b"\0asyncgrad-data-" + os.urandom(12).hex().encode()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(name)
+        sock.listen(128)
+        sock.setblocking(False)
+        asyncio.get_running_loop().add_reader(sock, self._accept_local)
+        self._local, self.unix = sock, name
+        return name
+
+    def start_tcp(self, host: str, port: int) -> tuple[str, int]:
+        """Listen on `host:port` (port 0: any free one); returns the address bound."""
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(128)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        asyncio.get_running_loop().add_reader(sock, self._accept_tcp)
+        self._tcp = sock
+        self.host, self.port = sock.getsockname()[:2]
+        return self.host, self.port
+
+    def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        for listener in (self._local, self._tcp):
+            if listener is not None:
+                loop.remove_reader(listener)
+                listener.close()
+        self._local = self._tcp = None
+        for conn in list(self._local_conns):
+            conn.close()
+        with self._tcp_lock:
+            conns = list(self._tcp_conns)
+        for sock in conns:
+            # Wakes the thread blocked on it; the thread closes it.
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    # *** local ***
+
+    def _accept_local(self) -> None:
+        assert self._local is not None
+        try:
+            sock, _ = self._local.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        if len(self._local_conns) >= MAX_CONNECTIONS:
+            sock.close()
+            return
+        self._local_conns.add(_LocalConnection(self, sock))
+
+    def answer_local(self, conn: _LocalConnection, request: bytes) -> bool:
+        """Answer one request; False: close the connection."""
+        if request[:4] != MAGIC:
+            return False
+        token = request[4:]
+        snapshot = self._held.take(token)
+        if snapshot is None:
+            conn.sock.send(_UNKNOWN)
+            return True
+        try:
+            header = HEADER.pack(MAGIC, FOUND, FD, snapshot.offset, snapshot.length)
+            fds = array.array("i", [snapshot.fd])
+            conn.sock.sendmsg([header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+        except BaseException:
+            self._held.restore(token)
+            raise
+        self._held.sent(token)
+        self._served("local")
+        return True
+
+    # *** TCP ***
+
+    def _accept_tcp(self) -> None:
+        assert self._tcp is not None
+        try:
+            sock, _ = self._tcp.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        with self._tcp_lock:
+            if len(self._tcp_conns) >= MAX_CONNECTIONS:
+                sock.close()
+                return
+            self._tcp_conns.add(sock)
+        thread = threading.Thread(
+            target=self._serve_tcp, args=(sock,), name=f"asyncgrad-data-{self._agent}", daemon=True
+        )
+        thread.start()
+
+    def _serve_tcp(self, raw: socket.socket) -> None:
+        sock = raw
+        try:
+            sock.setblocking(True)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.settimeout(REQUEST_TIMEOUT)
+            if self._tls is not None:
+                sock = self._tls.wrap_socket(raw, server_side=True)
+            while (request := recv_exact(sock, REQUEST_BYTES)) is not None:
+                if request[:4] != MAGIC:
+                    return
+                token = request[4:]
+                snapshot = self._held.take(token)
+                if snapshot is None:
+                    sock.sendall(_UNKNOWN)
+                    continue
+                try:
+                    sock.settimeout(SEND_TIMEOUT)
+                    self._send_bytes(sock, snapshot)
+                except BaseException:
+                    self._held.restore(token)
+                    raise
+                self._held.sent(token)
+                self._served("tcp")
+                sock.settimeout(REQUEST_TIMEOUT)
+        except (OSError, ssl.SSLError) as e:
+            # The receiver went away, sent nothing in time, or failed TLS: its loss.
+            logger.debug("event=data_connection_ended agent=%s error=%r", self._agent, e)
+        finally:
+            with self._tcp_lock:
+                self._tcp_conns.discard(raw)
+            sock.close()
+
+    def _send_bytes(self, sock: socket.socket, snapshot: Snapshot) -> None:
+        sock.sendall(HEADER.pack(MAGIC, FOUND, BYTES, 0, snapshot.length))
+        if isinstance(sock, ssl.SSLSocket):
+            view = snapshot.view()
+            try:
+                sock.sendall(view)
+            finally:
+                view.release()
+            return
+        # The kernel sends from the memfd's pages: no copy through this process.
+        with os.fdopen(snapshot.fd, "rb", closefd=False) as file:
+            sent = sock.sendfile(file, snapshot.offset, snapshot.length)
+        if sent != snapshot.length:
+            raise ConnectionError(f"sent {sent} of {snapshot.length} bytes")
+
+
+class _LocalConnection:
+    """One receiver's connection to the local socket, served from loop callbacks."""
+
+    def __init__(self, server: DataServer, sock: socket.socket) -> None:
+        self.server = server
+        self.sock = sock
+        self._buffer = b""
+        sock.setblocking(False)
+        asyncio.get_running_loop().add_reader(sock, self._readable)
+
+    def _readable(self) -> None:
+        try:
+            data = self.sock.recv(4 * REQUEST_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.close()
+            return
+        if not data:
+            self.close()
+            return
+        self._buffer += data
+        try:
+            while len(self._buffer) >= REQUEST_BYTES:
+                request, self._buffer = (
+                    self._buffer[:REQUEST_BYTES],
+                    self._buffer[REQUEST_BYTES:],
+                )
+                if not self.server.answer_local(self, request):
+                    self.close()
+                    return
+        except OSError:  # the receiver stopped reading its answers, or left
+            self.close()
+
+    def close(self) -> None:
+        if self in self.server._local_conns:
+            self.server._local_conns.discard(self)
+            asyncio.get_running_loop().remove_reader(self.sock)
+            self.sock.close()
