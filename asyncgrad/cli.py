@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 from asyncgrad.bench import options as bench_options
 from asyncgrad.embedded import EmbeddedRedis, EmbeddedRedisError, PortInUse
+from asyncgrad.transport import DEFAULT_INLINE_LIMIT
 
 __all__ = ["UsageError", "main"]
 
@@ -91,6 +92,22 @@ def _parser() -> argparse.ArgumentParser:
         "--rref-lease", type=_positive, default=300.0, metavar="SECONDS",
         help="what a holder unreachable this long held here is freed (default 300)",
     )  # fmt: skip
+    worker.add_argument(
+        "--data-plane", choices=("direct", "redis"), default="direct",
+        help="large arrays go directly between agents (default), or all through Redis",
+    )  # fmt: skip
+    worker.add_argument(
+        "--inline-limit", type=_bytes, default=DEFAULT_INLINE_LIMIT, metavar="BYTES",
+        help=f"arrays above this go by the data plane (default {DEFAULT_INLINE_LIMIT})",
+    )  # fmt: skip
+    worker.add_argument(
+        "--data-host", metavar="HOST",
+        help="where the data port listens (default: the address that reaches Redis); "
+        "$ASYNCGRAD_DATA_HOST: the address advertised to other hosts",
+    )  # fmt: skip
+    worker.add_argument(
+        "--data-port", type=_port, default=0, help="the data port (default: any free one)"
+    )
 
     run = command(
         "run", _run,
@@ -158,6 +175,12 @@ def _positive(text: str) -> float:
 def _positive_int(text: str) -> int:
     if not text.strip().isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a positive whole number, not {text!r}")
+    return int(text)
+
+
+def _bytes(text: str) -> int:
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"must be a number of bytes, not {text!r}")
     return int(text)
 
 
@@ -270,6 +293,10 @@ def _worker(args: argparse.Namespace) -> int:
         namespace=args.namespace,
         failure_timeout=args.failure_timeout,
         rref_lease=args.rref_lease,
+        data_plane=args.data_plane,
+        inline_limit=args.inline_limit,
+        data_host=args.data_host,
+        data_port=args.data_port,
     )
     return worker.run()
 

@@ -63,6 +63,7 @@ class WorkerStatus:
     received: int | None = None  # messages read from its inbox so far (None: not alive)
     beat_ms: int | None = None  # Redis's clock at its latest heartbeat (None: not alive)
     gone_for_s: float | None = None  # since its last heartbeat (None: alive, or unknown)
+    data: str | None = None  # HOST:PORT of its data port (None: none, or not alive)
 
 
 # Per agent name: messages received per second, between the last two readings.
@@ -124,7 +125,7 @@ async def _one(
 
     return WorkerStatus(
         name, agent_id, alive, age, int(backlog), pending, int(dead), number("contexts"),
-        number("received"), number("t"), gone_for,
+        number("received"), number("t"), gone_for, fields.get("data") if alive else None,
     )  # fmt: skip
 
 

@@ -215,9 +215,11 @@ class Agent:
             await self._transport.close()
             raise
         self._liveness.start()
+        data = self._transport.data.endpoints
         logger.info(
-            "event=agent_started agent=%s id=%d namespace=%s redis=%s",
+            "event=agent_started agent=%s id=%d namespace=%s redis=%s data=%s",
             self.name, self.id, self.namespace, self._transport.address,
+            f"{data.host}:{data.port}" if data.port else self._transport.data.settings.mode,
         )  # fmt: skip
         return self
 
@@ -394,11 +396,14 @@ class Agent:
         return WorkerInfo(name, agents[name])
 
     def data_plane_stats(self) -> dict[str, int]:
-        """Frames this agent sent and got by each path: `sent_direct` (as references),
-        `sent_inline` (above the limit, inline to a receiver that asked for that),
-        `served_local`/`served_tcp`/`served_redis` (fetched from here, by each path),
-        `fetched_local`/`fetched_tcp`/`fetched_redis` (fetched by this agent)."""
-        return dict(self._transport.data.counts)
+        """Frames this agent sent and got by each path: `sent_direct` (as references;
+        `sent_shared` of them were received frames sent on, without a copy), `sent_inline`
+        (above the limit, inline to a receiver that asked for that), `served_local`/
+        `served_tcp`/`served_redis` (fetched from here, by each path), `fetched_local`/
+        `fetched_tcp`/`fetched_redis` (fetched by this agent); and `held`, the frames
+        held here now, waiting for their receivers."""
+        data = self._transport.data
+        return {**data.counts, "held": len(data.held)}
 
     async def alive(self, names: list[str]) -> list[bool]:
         """Whether each named agent's heartbeat is current."""

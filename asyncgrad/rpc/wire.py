@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from asyncgrad.codec import Codec, Extension
-from asyncgrad.errors import CodecError, MessageError, RpcError, TransferLost
+from asyncgrad.errors import CodecError, MessageError, RpcError
 from asyncgrad.messages import (
     AUTOGRAD_RECORDS,
     AutogradRecord,
@@ -297,8 +297,8 @@ class Wire:
     def decode(self, message: Inbound) -> tuple[Any, list[Tensor]]:
         """A message's payload, and the tensors in it that required grad on the sender;
         `TransferLost` if a frame of it could not be fetched."""
-        if message.lost:
-            raise TransferLost(message.lost)
+        if message.error is not None:
+            raise message.error
         return self._codec.decode_payload(message.frames[1:])
 
     def done(self, message: Inbound) -> None:

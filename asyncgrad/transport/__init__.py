@@ -144,6 +144,11 @@ class Transport:
         heartbeats and reading; returns the agent's id."""
         try:
             await self.data.start()
+            if (port := self.data.endpoints.port) != 0:
+                host = self.data.endpoints.host
+                self._heartbeat.data_address = (
+                    f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+                )
             await self._writer.connect()
             await self._reader.start()
         except ReplyError as e:
@@ -279,8 +284,10 @@ class Transport:
         token, pairs = fields[1], dict(zip(fields[2::2], fields[3::2], strict=True))
         if fields[0] == b"q":
             requester = check_name("agent name", pairs.get(b"a", b"").decode(errors="replace"))
-            answer = self.data.on_request(requester, token, pairs.get(b"u") == b"1")
-            self._writer.control(requester, answer).add_done_callback(_log_unstored)
+            unreachable, drop = pairs.get(b"u") == b"1", pairs.get(b"drop") == b"1"
+            answer = self.data.on_request(requester, token, unreachable, drop)
+            if answer is not None:
+                self._writer.control(requester, answer).add_done_callback(_log_unstored)
         else:
             error = pairs.get(b"x", b"the sender sent no bytes").decode(errors="replace")
             self.data.on_data(token, pairs.get(b"b"), error)

@@ -4,10 +4,12 @@
 agent holds the name; a holder that was a process of this host and is gone (a worker
 killed and restarted at once) is taken over instead of waited out. A thread then
 refreshes the key, so a busy event loop never looks dead. Its value,
-`run=TOKEN id=.. pid=.. host=.. pidns=.. ttl_ms=.. contexts=N received=N born=MS t=MS`,
+`run=TOKEN id=.. pid=.. host=.. pidns=.. ttl_ms=.. contexts=N received=N born=MS
+[data=HOST:PORT] t=MS`,
 starts with a token of this run (its incarnation), so that a run refreshes (and, leaving,
 deletes) only its own heartbeat; `born` is Redis's clock when this run began (0 until its
-first beat), `t` at the beat.
+first beat), `t` at the beat; `data` is where the agent's data port listens for other
+hosts (the data plane; absent without one).
 
 Each beat also tells this agent about itself: Redis's clock (`redis_now_ms`, for
 deadlines every agent reads alike) and how long it has reached Redis without a gap
@@ -72,6 +74,7 @@ class Heartbeat:
         # a gap began); written by the beating thread, read by the event loop's.
         self._clock: tuple[float, float, float] | None = None
         self.started_ms = 0  # Redis's clock at the first beat: this incarnation began then
+        self.data_address = ""  # HOST:PORT of the data port, once it listens
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._done: asyncio.Future[None] | None = None
@@ -83,6 +86,7 @@ class Heartbeat:
             f"{self.token}id={agent_id} pid={os.getpid()} host={socket.gethostname()} "
             f"pidns={_pid_namespace()} ttl_ms={self._ttl_ms} contexts={contexts} "
             f"received={self._received()} born={self.started_ms}"
+            + (f" data={self.data_address}" if self.data_address else "")
         )
 
     async def claim(self, conn: RedisLink) -> None:

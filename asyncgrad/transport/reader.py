@@ -17,7 +17,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from asyncgrad.errors import TransferLost
+from asyncgrad.errors import CodecError, TransferLost
 from asyncgrad.transport.cluster import RedisLink
 from asyncgrad.transport.connections import Endpoint, Flapping
 from asyncgrad.transport.data import DataPlane, RefField
@@ -49,14 +49,15 @@ class _Entry:
 class Inbound:
     """One received message: its frames, and the stream entry it came in. `redelivered`:
     the entry was delivered to this name before (to this run before a reconnect, or to an
-    earlier run of the agent) and never acked. `lost`: why a frame that went by the data
-    plane could not be fetched ("" if none was lost; the message cannot be decoded)."""
+    earlier run of the agent) and never acked. `error`: why the frames that went by the
+    data plane are not here (`TransferLost`, or a `CodecError` for a message over the size
+    limit or a malformed reference): the message cannot be decoded."""
 
-    __slots__ = ("entry", "frames", "lost", "redelivered")
+    __slots__ = ("entry", "error", "frames", "redelivered")
 
     def __init__(self, frames: list[Any], entry: _Entry, redelivered: bool = False) -> None:
         self.frames, self.entry, self.redelivered = frames, entry, redelivered
-        self.lost = ""
+        self.error: CodecError | None = None
 
     @property
     def stored_ms(self) -> int:
@@ -255,15 +256,15 @@ class Reader:
         assert self._data is not None
         try:
             await self._data.resolve(message.frames)
-        except TransferLost as e:
-            message.lost = str(e)
+        except CodecError as e:
+            message.error = e
             logger.warning(
-                "event=transfer_lost agent=%s entry=%s error=%s",
+                "event=transfer_failed agent=%s entry=%s error=%s",
                 self._endpoint.name, message.entry.id, e,
             )  # fmt: skip
         except Exception as e:
             logger.exception("event=fetch_failed agent=%s", self._endpoint.name)
-            message.lost = f"fetching its frames failed: {e!r}"
+            message.error = TransferLost(f"fetching its frames failed: {e!r}")
 
     def _release(self, _: object = None) -> None:
         """Deliver the waiting messages that are ready, in the order they were read."""

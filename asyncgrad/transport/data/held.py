@@ -75,6 +75,11 @@ class Held:
         if frame is not None:
             frame.snapshot.close()
 
+    def drop_for(self, dest: str, token: bytes) -> None:
+        """Drop a frame its receiver declined (only that receiver may)."""
+        if self.take(token, dest) is not None:
+            self.sent(token)
+
     def stored(self, tokens: list[bytes], entry: bytes) -> None:
         with self._lock:
             for token in tokens:

@@ -50,12 +50,9 @@ class Snapshot:
         return Mapped.of(self.fd, self.offset, self.length).view
 
 
-def snapshot(frame: bytes | memoryview, mappings: Mappings) -> Snapshot:
-    """The frame's bytes in a sealed memfd: the file it was received in, if it is a view
-    of one (no copy), else a new one written with the frame's bytes."""
-    found = mappings.find(frame)
-    if found is not None:
-        return found
+def snapshot(frame: bytes | memoryview) -> Snapshot:
+    """The frame's bytes in a new sealed memfd (for a frame that is not a view of a file
+    received already: `Mappings.find`)."""
     view = memoryview(frame).cast("B")
     fd = os.memfd_create("asyncgrad-frame", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:

@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final, Literal, TypeVar
 
-from asyncgrad.errors import MessageError, TransferLost
+from asyncgrad.errors import CodecError, TransferLost
 from asyncgrad.transport.data.fetch import Broken, Fetcher, Unreachable
 from asyncgrad.transport.data.held import Held
 from asyncgrad.transport.data.memory import Mappings, snapshot
@@ -141,7 +141,7 @@ class DataPlane:
 
         self.held.on_drained = drained
         self._sweeping = loop.create_task(self._sweep())
-        logger.info(
+        logger.debug(
             "event=data_plane agent=%s tcp=%s:%d tls=%s",
             self.name, host or "-", port, server_tls is not None,
         )  # fmt: skip
@@ -196,7 +196,11 @@ class DataPlane:
             if len(frame) <= limit:
                 continue
             try:
-                snap = snapshot(frame, self.mappings)
+                snap = self.mappings.find(frame)
+                if snap is not None:
+                    self.counts["sent_shared"] += 1  # a received frame sent on: no copy
+                else:
+                    snap = snapshot(frame)
             except OSError as e:  # out of memory or of file descriptors: Redis takes it
                 logger.warning("event=snapshot_failed agent=%s error=%s", self.name, e)
                 continue
@@ -216,8 +220,14 @@ class DataPlane:
     def withdrawn(self, dest: str, entry: bytes) -> None:
         self.held.drop_entry(dest, entry)
 
-    def on_request(self, requester: str, token: bytes, unreachable: bool) -> list[Any]:
-        """A receiver asks by Redis for a frame: the fields of the answer to send it."""
+    def on_request(
+        self, requester: str, token: bytes, unreachable: bool, drop: bool
+    ) -> list[Any] | None:
+        """A receiver asks by Redis for a frame (or, `drop`, declines it): the fields of
+        the answer to send it (None: none)."""
+        if drop:
+            self.held.drop_for(requester, token)
+            return None
         if unreachable:
             self._inline_until[requester] = time.monotonic() + INLINE_FOR
         snap = self.held.take(token, requester)
@@ -232,24 +242,23 @@ class DataPlane:
 
     # *** in ***
 
-    def declared_size(self, frames: list[Any]) -> int:
-        return sum(_ref_size(f) if type(f) is RefField else len(f) for f in frames)
-
     async def resolve(self, frames: list[Any]) -> None:
-        """Replace, in place, each reference among `frames` by its frame; `TransferLost`
-        if one cannot be had (its bytes never arrive: the message cannot be handled)."""
-        size = self.declared_size(frames)
+        """Replace, in place, each reference among `frames` by its frame. `TransferLost` if
+        one cannot be had (its bytes never arrive); a `CodecError` (nothing fetched) for a
+        malformed reference, or frames over `max_size` in all, as the codec would say."""
+        refs = [(i, Reference.decode(f)) for i, f in enumerate(frames) if type(f) is RefField]
+        size = sum(ref.size for _, ref in refs) + sum(
+            len(f) for f in frames if type(f) is not RefField
+        )
         if size > self.settings.max_size:
-            raise TransferLost(
+            for _, ref in refs:  # so that their senders stop holding them
+                decline = [b"q", ref.token, b"a", self.name, b"drop", b"1"]
+                self._control(ref.sender.agent, decline).add_done_callback(_ignore)
+            raise CodecError(
                 f"message of {size} bytes exceeds the limit of {self.settings.max_size}"
             )
-        for i, frame in enumerate(frames):
-            if type(frame) is RefField:
-                try:
-                    ref = Reference.decode(frame)
-                except MessageError as e:
-                    raise TransferLost(str(e)) from e
-                frames[i] = await self._fetch(ref)
+        for i, ref in refs:
+            frames[i] = await self._fetch(ref)
 
     def on_data(self, token: bytes, data: bytes | None, error: str) -> None:
         """A sender's answer by Redis (`d` entry): the bytes, or why there are none."""
@@ -349,11 +358,10 @@ class DataPlane:
         self.counts[f"fetched_{path}"] += 1
 
 
-def _ref_size(field: bytes) -> int:
-    try:
-        return Reference.decode(field).size
-    except MessageError:
-        return 0
+def _ignore(stored: asyncio.Future[Any]) -> None:
+    """A decline that could not be stored: its frame is dropped by the sender's sweep."""
+    if not stored.cancelled():
+        stored.exception()
 
 
 def _fail_with(future: asyncio.Future[bytes], stored: asyncio.Future[Any], sender: str) -> None:
