@@ -14,6 +14,7 @@ caller falls back to Redis. One that breaks off (the sender died mid-transfer) r
 
 from __future__ import annotations
 
+import array
 import asyncio
 import collections
 import contextlib
@@ -26,11 +27,23 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from asyncgrad.transport.data.memory import SEALS, Mappings, check_sealed
-from asyncgrad.transport.data.protocol import BYTES, FD, FOUND, HEADER, MAGIC, recv_exact
-from asyncgrad.transport.data.reference import Endpoints, Reference
+from asyncgrad.transport.data.memory import SEALS, Mappings, Snapshot, check_sealed
+from asyncgrad.transport.data.protocol import (
+    ACK_MAGIC,
+    BYTES,
+    FD,
+    FOUND,
+    HEADER,
+    MAGIC,
+    PUSH,
+    PUSH_MAGIC,
+    fds_of,
+    recv_exact,
+)
+from asyncgrad.transport.data.pushed import Pushed
+from asyncgrad.transport.data.reference import TOKEN_BYTES, Endpoints, Reference
 
-__all__ = ["Broken", "Fetcher", "Unreachable"]
+__all__ = ["Broken", "Fetcher", "Pusher", "Unreachable"]
 
 CONNECT_TIMEOUT = 3.0
 _IDLE = 5.0  # a kept connection idle longer is closed (the server may have dropped it)
@@ -81,11 +94,15 @@ class Fetcher:
         self,
         here: Endpoints,
         mappings: Mappings,
+        pushed: Pushed,
+        poll: Callable[[], None],
         tls: ssl.SSLContext | None,
         fetched: Callable[[str], None],
     ) -> None:
         self.here = here
         self._mappings = mappings
+        self._pushed = pushed
+        self._poll = poll
         self._tls = tls
         self._fetched = fetched
         self._local = _Pool()
@@ -107,9 +124,9 @@ class Fetcher:
             view = await self._fetch_local(ref)
         elif path == "tcp":
             view = await self._fetch_tcp(ref, cancel)
+            self._fetched("tcp")
         else:
             raise Unreachable("no direct path to the sender")
-        self._fetched(path)
         return view
 
     def close(self) -> None:
@@ -119,13 +136,21 @@ class Fetcher:
     # *** local ***
 
     async def _fetch_local(self, ref: Reference) -> memoryview:
+        offer = self._pushed.claim(ref.token)
+        if offer is None:
+            self._poll()  # the offer may wait on the local socket, not yet read
+            offer = self._pushed.claim(ref.token)
+        if offer is not None:
+            view = self._map(ref, offer.fd, offer.offset, offer.length)
+            self._fetched("local")
+            self._fetched("offered")
+            return view
         key = ref.sender.unix
         for attempt in (1, 2):
             sock = self._local.get(key)
             fresh = sock is None
             if sock is None:
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                sock.setblocking(False)
+                sock = _seqpacket()
                 try:
                     await asyncio.get_running_loop().sock_connect(sock, key)
                 except OSError as e:
@@ -142,53 +167,55 @@ class Fetcher:
                 sock.close()
                 raise
             self._local.put(key, sock)
+            self._fetched("local")
             return view
         raise AssertionError("unreachable")
 
     async def _ask_local(self, sock: socket.socket, ref: Reference) -> memoryview:
-        sock.send(MAGIC + ref.token)  # 20 bytes into an idle socket: never blocks
+        sock.send(MAGIC + ref.token)  # one small message into an idle socket: never blocks
         loop = asyncio.get_running_loop()
-        data = b""
-        fds: list[int] = []
-        try:
-            while len(data) < HEADER.size:
+        while True:
+            try:
+                data, ancillary, _, _ = sock.recvmsg(HEADER.size, socket.CMSG_SPACE(4 * 4))
+                break
+            except (BlockingIOError, InterruptedError):
+                readable = loop.create_future()
+                loop.add_reader(sock, readable.set_result, None)
                 try:
-                    chunk, ancillary, _, _ = sock.recvmsg(
-                        HEADER.size - len(data), socket.CMSG_SPACE(4 * 4)
-                    )
-                except (BlockingIOError, InterruptedError):
-                    readable = loop.create_future()
-                    loop.add_reader(sock, readable.set_result, None)
-                    try:
-                        await readable
-                    finally:
-                        loop.remove_reader(sock)
-                    continue
-                except OSError as e:
-                    raise Broken(f"local socket of {ref.sender.agent!r}: {e}") from e
-                fds += _fds_of(ancillary)
-                if not chunk:
-                    if not data:
-                        raise _Stale
-                    raise Broken(f"{ref.sender.agent!r} closed its socket mid-answer")
-                data += chunk
+                    await readable
+                finally:
+                    loop.remove_reader(sock)
+            except OSError as e:
+                raise Broken(f"local socket of {ref.sender.agent!r}: {e}") from e
+        fds = fds_of(ancillary)
+        try:
+            if not data:
+                raise _Stale
+            if len(data) != HEADER.size:
+                raise Broken(f"{ref.sender.agent!r} answered with a malformed header")
             magic, status, how, offset, length = HEADER.unpack(data)
             if magic != MAGIC or status != FOUND:
                 raise Broken(f"{ref.sender.agent!r} no longer holds the frame (token unknown)")
-            if how != FD or len(fds) != 1 or length != ref.size:
+            if how != FD or len(fds) != 1:
                 raise Broken(f"{ref.sender.agent!r} answered with a malformed frame")
-            fd = fds.pop()
-            try:
-                check_sealed(fd)
-                if os.fstat(fd).st_size < offset + length:
-                    raise ValueError("the file is shorter than the frame")
-            except (ValueError, OSError) as e:
-                os.close(fd)
-                raise Broken(f"{ref.sender.agent!r} passed a bad file: {e}") from e
-            return self._mappings.keep(fd, offset, length)
+            return self._map(ref, fds.pop(), offset, length)
         finally:
             for fd in fds:
                 os.close(fd)
+
+    def _map(self, ref: Reference, fd: int, offset: int, length: int) -> memoryview:
+        """The frame in `fd` (owned: mapped or closed), once it is a sealed file that holds
+        exactly the frame the reference declared."""
+        try:
+            if length != ref.size:
+                raise ValueError(f"{length} bytes where the reference said {ref.size}")
+            check_sealed(fd)
+            if os.fstat(fd).st_size < offset + length:
+                raise ValueError("the file is shorter than the frame")
+        except (ValueError, OSError) as e:
+            os.close(fd)
+            raise Broken(f"{ref.sender.agent!r} passed a bad file: {e}") from e
+        return self._mappings.keep(fd, offset, length)
 
     # *** TCP ***
 
@@ -312,10 +339,57 @@ class _TcpTransfer:
         return self.fetcher._mappings.keep(fd, 0, length)
 
 
-def _fds_of(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, data in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            usable = len(data) - len(data) % 4
-            fds += list(memoryview(data[:usable]).cast("i"))
-    return fds
+def _seqpacket() -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.setblocking(False)
+    return sock
+
+
+class Pusher:
+    """Offers frames to receivers on this host as they leave (`protocol.PUSH`), one kept
+    connection per receiver, and hands each ack to `acked(token)`."""
+
+    def __init__(self, acked: Callable[[bytes], None]) -> None:
+        self._acked = acked
+        self._conns: dict[bytes, socket.socket] = {}
+
+    def offer(self, unix: bytes, token: bytes, snapshot: Snapshot) -> bool:
+        """Offer a held frame; False if it could not be (the receiver pulls it then)."""
+        sock = self._conns.get(unix)
+        try:
+            if sock is None:
+                sock = _seqpacket()
+                sock.connect(unix)  # a unix socket connects at once, or refuses
+                self._conns[unix] = sock
+                asyncio.get_running_loop().add_reader(sock, self._read_acks, unix, sock)
+            push = PUSH.pack(PUSH_MAGIC, token, snapshot.offset, snapshot.length)
+            fds = array.array("i", [snapshot.fd])
+            sock.sendmsg([push], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+        except OSError:  # refused, full, or gone: an offer is never needed
+            if sock is not None:
+                self._close(unix, sock)
+            return False
+        return True
+
+    def _read_acks(self, unix: bytes, sock: socket.socket) -> None:
+        while True:
+            try:
+                ack = sock.recv(64)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                ack = b""
+            if len(ack) != len(ACK_MAGIC) + TOKEN_BYTES or ack[:4] != ACK_MAGIC:
+                self._close(unix, sock)  # closed, or not an ack: offer no more there
+                return
+            self._acked(ack[4:])
+
+    def _close(self, unix: bytes, sock: socket.socket) -> None:
+        if self._conns.get(unix) is sock:
+            del self._conns[unix]
+            asyncio.get_running_loop().remove_reader(sock)
+        sock.close()
+
+    def close(self) -> None:
+        for unix, sock in list(self._conns.items()):
+            self._close(unix, sock)

@@ -29,9 +29,10 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal, TypeVar
 
 from asyncgrad.errors import CodecError, TransferLost
-from asyncgrad.transport.data.fetch import Broken, Fetcher, Unreachable
+from asyncgrad.transport.data.fetch import Broken, Fetcher, Pusher, Unreachable
 from asyncgrad.transport.data.held import Held
 from asyncgrad.transport.data.memory import Mappings, snapshot
+from asyncgrad.transport.data.pushed import Pushed
 from asyncgrad.transport.data.reference import Endpoints, Reference, RefField
 from asyncgrad.transport.data.server import DataServer
 from asyncgrad.transport.resp import RedisAddress
@@ -108,7 +109,11 @@ class DataPlane:
         self.counts: Counter[str] = Counter()
         self._counting = threading.Lock()  # serving threads count too
         self.held = Held()
+        self.pushed = Pushed()
         self.mappings = Mappings()
+        self._pusher = Pusher(self._acked)
+        # Agents on this host, by name: their local sockets, learned from their references.
+        self._local_peers: dict[str, bytes] = {}
         self.endpoints = Endpoints.here(name, b"", "", 0, False)
         self._server: DataServer | None = None
         self._fetcher: Fetcher | None = None
@@ -123,7 +128,9 @@ class DataPlane:
         if not self.direct:
             return
         server_tls, client_tls, tcp = _tls_contexts(self._address)
-        server = self._server = DataServer(self.name, self.held, self._count_served, server_tls)
+        server = self._server = DataServer(
+            self.name, self.held, self.pushed, self._count_served, server_tls
+        )
         unix = server.start_local()
         host, port = "", 0
         if tcp:
@@ -133,7 +140,9 @@ class DataPlane:
             if not host:
                 host = _facing(self._address) if bound_host in ("0.0.0.0", "::") else bound_host
         self.endpoints = Endpoints.here(self.name, unix, host, port, server_tls is not None)
-        self._fetcher = Fetcher(self.endpoints, self.mappings, client_tls, self._count_fetched)
+        self._fetcher = Fetcher(
+            self.endpoints, self.mappings, self.pushed, server.poll, client_tls, self._count_fetched
+        )
         loop = asyncio.get_running_loop()
 
         def drained() -> None:
@@ -168,6 +177,8 @@ class DataPlane:
             self._server.close()
         if self._fetcher is not None:
             self._fetcher.close()
+        self._pusher.close()
+        self.pushed.close()
         self.held.close()
         for future in self._awaiting.values():
             if not future.done():
@@ -208,7 +219,20 @@ class DataPlane:
             tokens.append(token)
             out[i] = Reference(self.endpoints, token, snap.length).encode()
             self.counts["sent_direct"] += 1
+            unix = self._local_peers.get(dest)
+            if unix is not None:
+                # Offered now, it is there when the message is read: no round trip then.
+                if self._pusher.offer(unix, token, snap):
+                    self.counts["sent_offered"] += 1
+                else:
+                    del self._local_peers[dest]
         return out, tokens
+
+    def _acked(self, token: bytes) -> None:
+        """A receiver took an offered frame: it is no longer held here."""
+        if self.held.take(token) is not None:
+            self.held.sent(token)
+            self._count_served("local")
 
     def stored(self, tokens: list[bytes], entry: Any) -> None:
         """The message of `tokens` was stored as `entry` (an id), or failed (an error)."""
@@ -274,7 +298,10 @@ class DataPlane:
         sender = ref.sender.agent
         fetcher = self._fetcher
         unreachable = True
-        if fetcher is not None and fetcher.path(ref) is not None:
+        path = fetcher.path(ref) if fetcher is not None else None
+        if fetcher is not None and path is not None:
+            if path == "local":
+                self._local_peers[sender] = ref.sender.unix
             cancel = asyncio.Event()
             task = asyncio.ensure_future(fetcher.fetch(ref, cancel))
             try:
@@ -349,6 +376,7 @@ class DataPlane:
                     )  # fmt: skip
             for tokens in self.held.waiting(_HELD_MAX_AGE).values():
                 self.held.drop(tokens)
+            self.pushed.expire(_HELD_MAX_AGE)
 
     def _count_served(self, path: str) -> None:
         with self._counting:

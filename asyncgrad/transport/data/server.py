@@ -2,7 +2,8 @@
 
 The local socket is an abstract unix socket (Linux): it has no file to leave behind, and
 only processes in this network namespace can connect to it. It answers on the event
-loop, from callbacks: a request is 20 bytes, an answer a header and a file descriptor.
+loop, from callbacks: a request is 20 bytes, an answer a header and a file descriptor;
+it also takes frames offered by their senders (`protocol.PUSH`) as `Pushed` offers.
 
 The TCP port serves other hosts (and other network namespaces). Each connection gets a
 thread of its own, since a frame of megabytes goes out in one `sendfile` (or through TLS
@@ -32,10 +33,14 @@ from asyncgrad.transport.data.protocol import (
     FOUND,
     HEADER,
     MAGIC,
+    PUSH,
+    PUSH_MAGIC,
     REQUEST_BYTES,
     UNKNOWN,
+    fds_of,
     recv_exact,
 )
+from asyncgrad.transport.data.pushed import Offer, Pushed
 
 __all__ = ["MAX_CONNECTIONS", "REQUEST_TIMEOUT", "DataServer"]
 
@@ -55,11 +60,13 @@ class DataServer:
         self,
         agent: str,
         held: Held,
+        pushed: Pushed,
         served: Callable[[str], None],
         tls: ssl.SSLContext | None = None,
     ) -> None:
         self._agent = agent
         self._held = held
+        self._pushed = pushed
         self._served = served  # told "local" or "tcp" per frame served
         self._tls = tls
         self._local: socket.socket | None = None
@@ -73,7 +80,7 @@ class DataServer:
     def start_local(self) -> bytes:
         """Listen on a fresh abstract unix socket; returns its name."""
         name = b"\0asyncgrad-data-" + os.urandom(12).hex().encode()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         sock.bind(name)
         sock.listen(128)
         sock.setblocking(False)
@@ -116,30 +123,50 @@ class DataServer:
 
     # *** local ***
 
-    def _accept_local(self) -> None:
+    def _accept_local(self) -> bool:
         assert self._local is not None
         try:
             sock, _ = self._local.accept()
         except (BlockingIOError, InterruptedError):
-            return
+            return False
         if len(self._local_conns) >= MAX_CONNECTIONS:
             sock.close()
-            return
+            return True
         self._local_conns.add(_LocalConnection(self, sock))
+        return True
 
-    def answer_local(self, conn: _LocalConnection, request: bytes) -> bool:
-        """Answer one request; False: close the connection."""
-        if request[:4] != MAGIC:
+    def owns(self, conn: _LocalConnection) -> bool:
+        return conn in self._local_conns
+
+    def drop(self, conn: _LocalConnection) -> None:
+        self._local_conns.discard(conn)
+
+    def poll(self) -> None:
+        """Accept and read, now, what waits on the local socket (an offer may be there
+        that the loop has not got to yet)."""
+        while self._local is not None and self._accept_local():
+            pass
+        for conn in list(self._local_conns):
+            conn.readable()
+
+    def handle_local(self, conn: _LocalConnection, message: bytes, fds: list[int]) -> bool:
+        """Answer a request or keep an offer (taking its fd out of `fds`); False: close
+        the connection."""
+        if len(message) == PUSH.size and message[:4] == PUSH_MAGIC and len(fds) == 1:
+            _, token, offset, length = PUSH.unpack(message)
+            self._pushed.add(token, Offer(fds.pop(), offset, length, conn.sock))
+            return True
+        if len(message) != REQUEST_BYTES or message[:4] != MAGIC or fds:
             return False
-        token = request[4:]
+        token = message[4:]
         snapshot = self._held.take(token)
         if snapshot is None:
             conn.sock.send(_UNKNOWN)
             return True
         try:
             header = HEADER.pack(MAGIC, FOUND, FD, snapshot.offset, snapshot.length)
-            fds = array.array("i", [snapshot.fd])
-            conn.sock.sendmsg([header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+            rights = array.array("i", [snapshot.fd])
+            conn.sock.sendmsg([header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
         except BaseException:
             self._held.restore(token)
             raise
@@ -215,41 +242,37 @@ class DataServer:
 
 
 class _LocalConnection:
-    """One receiver's connection to the local socket, served from loop callbacks."""
+    """One peer's connection to the local socket, served from loop callbacks: its requests
+    are answered, its pushes kept as offers."""
 
     def __init__(self, server: DataServer, sock: socket.socket) -> None:
         self.server = server
         self.sock = sock
-        self._buffer = b""
         sock.setblocking(False)
-        asyncio.get_running_loop().add_reader(sock, self._readable)
+        asyncio.get_running_loop().add_reader(sock, self.readable)
 
-    def _readable(self) -> None:
-        try:
-            data = self.sock.recv(4 * REQUEST_BYTES)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self.close()
-            return
-        if not data:
-            self.close()
-            return
-        self._buffer += data
-        try:
-            while len(self._buffer) >= REQUEST_BYTES:
-                request, self._buffer = (
-                    self._buffer[:REQUEST_BYTES],
-                    self._buffer[REQUEST_BYTES:],
-                )
-                if not self.server.answer_local(self, request):
+    def readable(self) -> None:
+        """Handle every message waiting (also called by `DataServer.poll`)."""
+        while self.server.owns(self):
+            try:
+                data, ancillary, _, _ = self.sock.recvmsg(64, socket.CMSG_SPACE(4 * 4))
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self.close()
+                return
+            fds = fds_of(ancillary)
+            try:
+                if not data or not self.server.handle_local(self, data, fds):
                     self.close()
-                    return
-        except OSError:  # the receiver stopped reading its answers, or left
-            self.close()
+            except OSError:  # the peer stopped reading its answers, or left
+                self.close()
+            finally:
+                for fd in fds:
+                    os.close(fd)
 
     def close(self) -> None:
-        if self in self.server._local_conns:
-            self.server._local_conns.discard(self)
+        if self.server.owns(self):
+            self.server.drop(self)
             asyncio.get_running_loop().remove_reader(self.sock)
             self.sock.close()
