@@ -52,7 +52,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_INLINE_LIMIT: Final = 256 * 1024
 INLINE_FOR: Final = 60.0  # s a sender sends inline to a receiver that asked by Redis
 REDIS_FETCH_LIMIT: Final = 60.0  # s a fallback fetch waits for a live sender's answer
-_HELD_AGE: Final = 10.0  # s before a held frame's receiver is checked for liveness
 _HELD_MAX_AGE: Final = 600.0  # s after which a held frame is dropped, receiver alive or not
 
 Mode = Literal["direct", "redis"]
@@ -366,8 +365,11 @@ class DataPlane:
     async def _sweep(self) -> None:
         """Drop frames held for receivers that are gone (or for far too long)."""
         while True:
-            await asyncio.sleep(max(self._check_every * 4, 1.0))  # upkeep timer
-            for dest, tokens in self.held.waiting(_HELD_AGE).items():
+            # A frame is fetched within milliseconds of its message being read; one held a
+            # few heartbeats long may have lost its receiver (one EXISTS per receiver).
+            every = max(self._check_every * 4, 1.0)
+            await asyncio.sleep(every)  # upkeep timer
+            for dest, tokens in self.held.waiting(every).items():
                 if not await self._still_alive(dest):
                     self.held.drop(tokens)
                     logger.info(
