@@ -68,6 +68,7 @@ LAYER_OF = {
     "workloads.pipeline": "workloads",
     "workloads.soak": "workloads",
     "embedded": "embedded",
+    "simulated_hosts": "hosts",
     "worker": "app",
     "status": "app",
     "bench": "app",
@@ -107,6 +108,7 @@ ALLOWED = {
     "agent": _BELOW_AGENT | {"dist_autograd", "agent"},
     "workloads": _BELOW_AGENT | {"dist_autograd", "agent", "workloads"},
     "embedded": {"errors", "embedded"},
+    "hosts": {"errors", "embedded", "hosts"},
     "app": set(LAYER_OF.values()),
 }
 
@@ -123,6 +125,7 @@ FORBIDDEN = {
     "agent": {"redis", "hiredis", "msgpack", "pickle"},
     "workloads": {"redis", "hiredis", "msgpack", "pickle"},
     "embedded": {"numpy", "msgpack", "pickle"},
+    "hosts": {"asyncio", "redis", "hiredis", "numpy", "msgpack", "pickle"},
     "app": {"pickle"},
 }
 
