@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from asyncgrad.bench import redis_memory
 from asyncgrad.cli import main
 
 
@@ -132,6 +133,15 @@ def test_against_torch_without_torch_says_how_to_install_it() -> None:
     assert done.stdout == ""
     (line,) = done.stderr.splitlines()
     assert "pip install -e '.[torch]'" in line
+
+
+@pytest.mark.timeout(60)
+def test_b3_says_what_its_echoes_cost_redis(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--only", "B3", "--quick"]) == 0
+    record = json.loads(capsys.readouterr().out.splitlines()[-1])
+    # A fresh embedded Redis: the workload sets its all-time peak, read exactly.
+    assert record["params"]["redis_peak"] == redis_memory.EXACT
+    assert record["figures"]["redis_peak_MiB"] > 64  # the 64 MiB message at least
 
 
 def test_against_anything_but_torch_is_bad_usage(capsys: pytest.CaptureFixture[str]) -> None:

@@ -85,6 +85,7 @@ LAYER_OF = {
     "bench.report": "app",
     "bench.torch_side": "app",
     "bench.records": "app",
+    "bench.redis_memory": "app",
     "cli": "app",
     "startup": "app",
     "__main__": "app",

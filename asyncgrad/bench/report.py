@@ -39,7 +39,11 @@ _HEADLINES: dict[str, tuple[str, list[tuple[str, str, bool]]]] = {
     "B2_throughput": ("B2 throughput, 256 in flight", [("calls_per_s", "calls/s", True)]),
     "B3_bandwidth": (
         "B3 bandwidth, echo",
-        [("GBps_1MiB", "GB/s, 1 MiB", True), ("GBps_64MiB", "GB/s, 64 MiB", True)],
+        [
+            ("GBps_1MiB", "GB/s, 1 MiB", True),
+            ("GBps_64MiB", "GB/s, 64 MiB", True),
+            ("redis_peak_MiB", "Redis memory peak, MiB", False),
+        ],
     ),
     "B4_dist_backward_chain": (
         "B4 backward through 4 workers",
