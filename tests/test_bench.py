@@ -15,6 +15,7 @@ import pytest
 
 from asyncgrad.bench import redis_memory
 from asyncgrad.cli import main
+from asyncgrad.simulated_hosts import HostsUnavailable, SimulatedHosts
 
 
 @pytest.mark.timeout(60)
@@ -142,6 +143,42 @@ def test_b3_says_what_its_echoes_cost_redis(capsys: pytest.CaptureFixture[str]) 
     # A fresh embedded Redis: the workload sets its all-time peak, read exactly.
     assert record["params"]["redis_peak"] == redis_memory.EXACT
     assert record["figures"]["redis_peak_MiB"] > 64  # the 64 MiB message at least
+
+
+@pytest.mark.timeout(120)
+def test_b3x_echoes_between_two_simulated_hosts_beside_raw_tcp(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "b3x.json"
+    sides = ["--against", "torch", "--repeat", "1"] if TORCH else []
+    code = main(["bench", "--only", "B3x", "--quick", *sides, "--json", str(out)])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    # PyTorch has no side of B3x: asyncgrad's record only, also with --against torch.
+    records = [line for line in lines if "name" in line]
+    assert [(r["name"], r.get("side", "asyncgrad")) for r in records] == [
+        ("B3x_bandwidth_hosts", "asyncgrad")
+    ]
+    (record,) = records
+    doc = json.loads(out.read_text())
+    assert [r["name"] for r in doc["results"]] == ["B3x_bandwidth_hosts"]
+    assert doc.get("torch", {}).get("results", []) == []
+    try:
+        with SimulatedHosts(2):
+            unavailable = None
+    except HostsUnavailable as e:
+        unavailable = str(e)
+    if unavailable is not None:
+        assert code == 1
+        assert record["ok"] is False
+        unnamed = re.compile(r"asyncgrad-[\w-]+")  # the namespace names: each run its own
+        said = f"HostsUnavailable: {unavailable}"
+        assert unnamed.sub("N", record["error"]) == unnamed.sub("N", said)
+        return
+    assert code == 0, record.get("error")
+    figures = record["figures"]
+    for key in ("GBps_1MiB", "GBps_64MiB", "raw_tcp_GBps_1MiB", "raw_tcp_GBps_64MiB"):
+        assert figures[key] > 0
+    assert figures["vs_raw_tcp_64MiB"] == figures["GBps_64MiB"] / figures["raw_tcp_GBps_64MiB"]
 
 
 def test_against_anything_but_torch_is_bad_usage(capsys: pytest.CaptureFixture[str]) -> None:

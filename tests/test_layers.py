@@ -86,6 +86,8 @@ LAYER_OF = {
     "bench.torch_side": "app",
     "bench.records": "app",
     "bench.redis_memory": "app",
+    "bench.raw_tcp": "app",
+    "bench.hosts": "app",
     "cli": "app",
     "startup": "app",
     "__main__": "app",

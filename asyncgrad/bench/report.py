@@ -45,6 +45,15 @@ _HEADLINES: dict[str, tuple[str, list[tuple[str, str, bool]]]] = {
             ("redis_peak_MiB", "Redis memory peak, MiB", False),
         ],
     ),
+    "B3x_bandwidth_hosts": (
+        "B3x bandwidth, 2 simulated hosts",
+        [
+            ("GBps_1MiB", "GB/s, 1 MiB", True),
+            ("GBps_64MiB", "GB/s, 64 MiB", True),
+            ("raw_tcp_GBps_64MiB", "raw TCP GB/s, 64 MiB", True),
+            ("vs_raw_tcp_64MiB", "÷ raw TCP, 64 MiB", True),
+        ],
+    ),
     "B4_dist_backward_chain": (
         "B4 backward through 4 workers",
         [("steps_per_s", "steps/s", True), ("median_ms_per_step", "median ms per step", False)],
