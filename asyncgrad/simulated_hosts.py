@@ -24,7 +24,7 @@ gone (a SIGKILLed run cannot clean up after itself).
 
 A process on a host: prefix its command with `host.prefix` (`ip netns exec NAME`). The
 calling thread itself: `with host.entered():` opens its new sockets there (an asyncio
-loop run in that thread included), and the processes it starts start there.
+loop run in that thread included), and the threads and processes it starts start there.
 """
 
 from __future__ import annotations
@@ -79,9 +79,9 @@ class SimulatedHost:
 
     @contextlib.contextmanager
     def entered(self) -> Iterator[None]:
-        """The calling thread on this host: sockets it opens meanwhile, and processes it
-        starts, live in this host's network stack (open sockets stay where they were
-        opened). Back in its own namespace on exit."""
+        """The calling thread on this host: sockets it opens meanwhile, and threads and
+        processes it starts, live in this host's network stack (open sockets stay where
+        they were opened, threads where they started). Back in its own on exit."""
         libc = ctypes.CDLL(None, use_errno=True)
         own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
         try:
