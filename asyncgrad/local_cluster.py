@@ -54,6 +54,9 @@ class LocalCluster:
     one_thread: bool = True
     worker_args: Sequence[str] = ()  # more `asyncgrad worker` options, e.g. --failure-timeout
     server_options: tuple[str, ...] = ()  # more redis-server options, for an embedded one
+    # worker name -> argv its command runs under, e.g. SimulatedHost.prefix to start it on
+    # a simulated host (that must exec the command: the pid must stay the worker's)
+    command_prefix: Mapping[str, Sequence[str]] = field(default_factory=dict)
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     server: EmbeddedRedis | None = None
     _stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
@@ -119,7 +122,10 @@ class LocalCluster:
         # carry a password.
         env["ASYNCGRAD_REDIS_URL"] = self.redis_url
         return subprocess.Popen(
-            argv, stderr=subprocess.PIPE, env=env, preexec_fn=die_with_parent(signal.SIGTERM)
+            [*self.command_prefix.get(name, ()), *argv],
+            stderr=subprocess.PIPE,
+            env=env,
+            preexec_fn=die_with_parent(signal.SIGTERM),
         )
 
     def _stop_workers(self) -> None:

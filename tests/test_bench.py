@@ -13,7 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from asyncgrad.bench import redis_memory
 from asyncgrad.cli import main
+from asyncgrad.embedded import EmbeddedRedis
+from asyncgrad.simulated_hosts import HostsUnavailable, SimulatedHosts
+from tests.conftest import redis_py
 
 
 @pytest.mark.timeout(60)
@@ -132,6 +136,78 @@ def test_against_torch_without_torch_says_how_to_install_it() -> None:
     assert done.stdout == ""
     (line,) = done.stderr.splitlines()
     assert "pip install -e '.[torch]'" in line
+
+
+@pytest.mark.timeout(60)
+def test_b3_says_what_its_echoes_cost_redis(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--only", "B3", "--quick"]) == 0
+    record = json.loads(capsys.readouterr().out.splitlines()[-1])
+    # How much depends on the path the tensors take (through Redis or beside it); how the
+    # figure was read is said either way.
+    assert record["params"]["redis_peak"] in (redis_memory.EXACT, redis_memory.SAMPLED)
+    assert record["figures"]["redis_peak_MiB"] >= 0
+
+
+@pytest.mark.timeout(30)
+async def test_redis_memory_peak_is_exact_when_set_during_the_span_else_a_lower_bound() -> None:
+    # SETRANGE far out: Redis allocates the string itself, so no client buffer of the size
+    # comes and goes with it.
+    mib16 = (16 << 20) - 1
+    with EmbeddedRedis(os.environ.get("ASYNCGRAD_REDIS_SERVER")) as server:
+        client = redis_py(server.url, asynchronous=True)
+        try:
+            async with redis_memory.MemoryPeak(server.url) as peak:
+                await client.setrange("held", mib16, "x")
+                await client.delete("held")  # gone before the span ends: only the peak saw it
+            assert peak.method == redis_memory.EXACT
+            assert peak.mib is not None
+            assert peak.mib >= 16
+            await client.setrange("held", 4 * mib16, "x")
+            await client.delete("held")
+            # Redis once held more than the next span will: its peak cannot tell.
+            async with redis_memory.MemoryPeak(server.url) as peak:
+                await client.setrange("kept", mib16, "x")
+            assert peak.method == redis_memory.SAMPLED
+            assert peak.mib is not None
+            assert peak.mib >= 16
+        finally:
+            await client.aclose()
+
+
+@pytest.mark.timeout(120)
+def test_b3x_echoes_between_two_simulated_hosts_beside_raw_tcp(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "b3x.json"
+    sides = ["--against", "torch", "--repeat", "1"] if TORCH else []
+    code = main(["bench", "--only", "B3x", "--quick", *sides, "--json", str(out)])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    # PyTorch has no side of B3x: asyncgrad's record only, also with --against torch.
+    records = [line for line in lines if "name" in line]
+    assert [(r["name"], r.get("side", "asyncgrad")) for r in records] == [
+        ("B3x_bandwidth_hosts", "asyncgrad")
+    ]
+    (record,) = records
+    doc = json.loads(out.read_text())
+    assert [r["name"] for r in doc["results"]] == ["B3x_bandwidth_hosts"]
+    assert doc.get("torch", {}).get("results", []) == []
+    try:
+        with SimulatedHosts(2):
+            unavailable = None
+    except HostsUnavailable as e:
+        unavailable = str(e)
+    if unavailable is not None:
+        assert code == 1
+        assert record["ok"] is False
+        unnamed = re.compile(r"asyncgrad-[\w-]+")  # the namespace names: each run its own
+        said = f"HostsUnavailable: {unavailable}"
+        assert unnamed.sub("N", record["error"]) == unnamed.sub("N", said)
+        return
+    assert code == 0, record.get("error")
+    figures = record["figures"]
+    for key in ("GBps_1MiB", "GBps_64MiB", "raw_tcp_GBps_1MiB", "raw_tcp_GBps_64MiB"):
+        assert figures[key] > 0
+    assert figures["vs_raw_tcp_64MiB"] == figures["GBps_64MiB"] / figures["raw_tcp_GBps_64MiB"]
 
 
 def test_against_anything_but_torch_is_bad_usage(capsys: pytest.CaptureFixture[str]) -> None:

@@ -76,6 +76,7 @@ LAYER_OF = {
     "workloads.pipeline": "workloads",
     "workloads.soak": "workloads",
     "embedded": "embedded",
+    "simulated_hosts": "hosts",
     "worker": "app",
     "status": "app",
     "bench": "app",
@@ -92,6 +93,9 @@ LAYER_OF = {
     "bench.report": "app",
     "bench.torch_side": "app",
     "bench.records": "app",
+    "bench.redis_memory": "app",
+    "bench.raw_tcp": "app",
+    "bench.hosts": "app",
     "cli": "app",
     "startup": "app",
     "__main__": "app",
@@ -115,6 +119,7 @@ ALLOWED = {
     "agent": _BELOW_AGENT | {"dist_autograd", "agent"},
     "workloads": _BELOW_AGENT | {"dist_autograd", "agent", "workloads"},
     "embedded": {"errors", "embedded"},
+    "hosts": {"errors", "embedded", "hosts"},
     "app": set(LAYER_OF.values()),
 }
 
@@ -131,6 +136,7 @@ FORBIDDEN = {
     "agent": {"redis", "hiredis", "msgpack", "pickle"},
     "workloads": {"redis", "hiredis", "msgpack", "pickle"},
     "embedded": {"numpy", "msgpack", "pickle"},
+    "hosts": {"asyncio", "redis", "hiredis", "numpy", "msgpack", "pickle"},
     "app": {"pickle"},
 }
 

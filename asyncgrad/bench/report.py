@@ -39,7 +39,20 @@ _HEADLINES: dict[str, tuple[str, list[tuple[str, str, bool]]]] = {
     "B2_throughput": ("B2 throughput, 256 in flight", [("calls_per_s", "calls/s", True)]),
     "B3_bandwidth": (
         "B3 bandwidth, echo",
-        [("GBps_1MiB", "GB/s, 1 MiB", True), ("GBps_64MiB", "GB/s, 64 MiB", True)],
+        [
+            ("GBps_1MiB", "GB/s, 1 MiB", True),
+            ("GBps_64MiB", "GB/s, 64 MiB", True),
+            ("redis_peak_MiB", "Redis memory peak, MiB", False),
+        ],
+    ),
+    "B3x_bandwidth_hosts": (
+        "B3x bandwidth, 2 simulated hosts",
+        [
+            ("GBps_1MiB", "GB/s, 1 MiB", True),
+            ("GBps_64MiB", "GB/s, 64 MiB", True),
+            ("raw_tcp_GBps_64MiB", "raw TCP GB/s, 64 MiB", True),
+            ("vs_raw_tcp_64MiB", "÷ raw TCP, 64 MiB", True),
+        ],
     ),
     "B4_dist_backward_chain": (
         "B4 backward through 4 workers",

@@ -13,10 +13,18 @@ import numpy as np
 from asyncgrad.bench.driver import CpuMeter, drive, scale
 from asyncgrad.bench.options import Options
 from asyncgrad.bench.records import b1_record, b2_params
+from asyncgrad.bench.redis_memory import MemoryPeak
 from asyncgrad.rpc import Agent
 from asyncgrad.tensor import Tensor, tensor
 
-__all__ = ["b1_latency", "b2_throughput", "b3_bandwidth", "throughput"]
+__all__ = [
+    "b1_latency",
+    "b2_throughput",
+    "b3_bandwidth",
+    "b3_sizes",
+    "echo_bandwidth",
+    "throughput",
+]
 
 ECHO = {"worker1": ["asyncgrad.workloads.echo"]}
 
@@ -76,22 +84,27 @@ async def throughput(
 
 
 def b3_bandwidth(options: Options) -> dict[str, Any]:
-    sizes = (
-        ("1MiB", 1 << 20, scale(20, options.quick, 2)),
-        ("64MiB", 64 << 20, scale(5, options.quick, 1)),
-    )
+    return drive(options, ECHO, lambda agent: echo_bandwidth(agent, options.quick))
 
-    async def body(agent: Agent) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "params": {
-                "sizes": {},
-                "GB": "1e9 bytes; GB/s = 2*size*reps/total_time",
-                "warmup_reps": 1,
-            },
-            "figures": {},
-        }
-        rng = np.random.default_rng(0)
-        for label, nbytes, reps in sizes:
+
+def b3_sizes(quick: bool) -> list[tuple[str, int, int]]:
+    """B3's echoes: (label, bytes, timed reps) of each size, each after one warm-up."""
+    return [("1MiB", 1 << 20, scale(20, quick, 2)), ("64MiB", 64 << 20, scale(5, quick, 1))]
+
+
+async def echo_bandwidth(agent: Agent, quick: bool) -> dict[str, Any]:
+    """B3's echoes against worker1 (B3x's too), and what they cost Redis in memory."""
+    out: dict[str, Any] = {
+        "params": {
+            "sizes": {},
+            "GB": "1e9 bytes; GB/s = 2*size*reps/total_time",
+            "warmup_reps": 1,
+        },
+        "figures": {},
+    }
+    rng = np.random.default_rng(0)
+    async with MemoryPeak(agent.redis_url) as peak:
+        for label, nbytes, reps in b3_sizes(quick):
             t = tensor(rng.standard_normal(nbytes // 4, dtype=np.float32))
             echoed: Tensor = await agent.rpc_async("worker1", "echo", args=(t,))  # warm-up
             per = []
@@ -105,6 +118,7 @@ def b3_bandwidth(options: Options) -> dict[str, Any]:
             out["params"]["sizes"][label] = {"bytes": nbytes, "reps": reps}
             out["figures"][f"GBps_{label}"] = 2 * nbytes * reps / total / 1e9
             out["figures"][f"median_ms_per_echo_{label}"] = statistics.median(per) / 1e6
-        return out
-
-    return drive(options, ECHO, body)
+    out["params"]["redis_peak"] = peak.method
+    if peak.mib is not None:
+        out["figures"]["redis_peak_MiB"] = peak.mib
+    return out

@@ -31,8 +31,9 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
-from asyncgrad.bench import autograd, local, report, rpc, scale, soak
+from asyncgrad.bench import autograd, hosts, local, report, rpc, scale, soak
 from asyncgrad.bench.options import TORCH_HINT, Options, Progress, check
+from asyncgrad.bench.torch_side import WORKLOADS as TORCH_WORKLOADS
 
 __all__ = ["SOAK", "WORKLOADS", "jobs", "machine_facts", "run_command", "run_jobs", "select"]
 
@@ -42,6 +43,7 @@ WORKLOADS: dict[str, Workload] = {
     "B1_latency": rpc.b1_latency,
     "B2_throughput": rpc.b2_throughput,
     "B3_bandwidth": rpc.b3_bandwidth,
+    "B3x_bandwidth_hosts": hosts.b3x_bandwidth_hosts,  # asyncgrad only: PyTorch has no side
     "B4_dist_backward_chain": autograd.b4_dist_backward_chain,
     "B5_param_server": autograd.b5_param_server,
     "B6_local_autograd": local.b6_local_autograd,
@@ -116,10 +118,10 @@ def run_jobs(
     """
     started = time.perf_counter()
     runs: list[tuple[str, dict[str, Any]]] = []
-    total, count = len(jobs) * repeat * len(sides), 0
+    total, count = sum(len(_sides_of(name, sides)) for name, _ in jobs) * repeat, 0
     for name, workload in jobs:
         for run in range(1, repeat + 1):
-            for side in sides:
+            for side in _sides_of(name, sides):
                 count += 1
                 which = f"{name}, {side}" if len(sides) > 1 else name
                 of = f" (run {run} of {repeat})" if repeat > 1 else ""
@@ -166,6 +168,11 @@ def run_jobs(
         json_path.write_text(json.dumps(doc, indent=1))
         options.progress.step(f"bench: wrote {json_path}")
     return all(record["ok"] for _, record in runs)
+
+
+def _sides_of(name: str, sides: tuple[str, ...]) -> tuple[str, ...]:
+    """The `sides` that have workload `name`: PyTorch's has B1-B6, not B3x."""
+    return tuple(side for side in sides if side == "asyncgrad" or name in TORCH_WORKLOADS)
 
 
 def _run_ours(name: str, workload: Workload, options: Options) -> dict[str, Any]:
