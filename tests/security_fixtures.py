@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -183,12 +184,12 @@ def make_certificates(where: Path) -> Certificates:
     )  # fmt: skip
 
 
-def start_tls_server(certs: Certificates) -> RedisServer:
+def start_tls_server(certs: Certificates, more: Sequence[str] = ()) -> RedisServer:
     """A TLS-only Redis that requires client certificates, from the first redis-server
-    found that was built with TLS; skips if none was."""
+    found that was built with TLS; skips if none was. `more`: more options (`--bind`)."""
     options = [
         "--tls-cert-file", str(certs.server_cert), "--tls-key-file", str(certs.server_key),
-        "--tls-ca-cert-file", str(certs.ca), "--tls-auth-clients", "yes",
+        "--tls-ca-cert-file", str(certs.ca), "--tls-auth-clients", "yes", *more,
     ]  # fmt: skip
     refused = []
     for binary in _server_binaries():

@@ -153,9 +153,15 @@ async def test_a_64MiB_float32_echo_crosses_hosts_exactly(driver: rpc.Agent) -> 
     assert echoed.data.dtype == np.float32
     assert echoed.data.shape == (16 << 20,)
     assert np.array_equal(echoed.data, sent.data)
+    # By TCP from host to host, not through Redis nor shared memory (other hosts).
+    assert driver.data_plane_stats() == {
+        "sent_direct": 1, "served_tcp": 1, "fetched_tcp": 1, "held": 0
+    }  # fmt: skip
     # On from w1 to w2 and back: worker to worker, each on its host.
     passed = await driver.rpc_async("w1", "hosts.pass_on", args=(sent, "w2"))
     assert np.array_equal(passed.data, sent.data)
+    w2 = await driver.rpc_async("w2", "hosts.data_plane_stats")
+    assert w2["fetched_tcp"] == w2["served_tcp"] == 1 and "fetched_local" not in w2
 
 
 class Boom(Exception):

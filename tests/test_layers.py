@@ -46,6 +46,7 @@ LAYER_OF = {
     "transport.data.memory": "transport",
     "transport.data.plane": "transport",
     "transport.data.protocol": "transport",
+    "transport.data.pushed": "transport",
     "transport.data.reference": "transport",
     "transport.data.server": "transport",
     # The parts of an agent; the agent (rpc.agent) composes them with dist_autograd's.
@@ -96,6 +97,7 @@ LAYER_OF = {
     "bench.redis_memory": "app",
     "bench.raw_tcp": "app",
     "bench.hosts": "app",
+    "bench.inline_limit": "app",
     "cli": "app",
     "startup": "app",
     "__main__": "app",

@@ -19,6 +19,7 @@ import asyncio
 import collections
 import contextlib
 import fcntl
+import hashlib
 import mmap
 import os
 import socket
@@ -296,6 +297,12 @@ class _TcpTransfer:
                 sock.settimeout(CONNECT_TIMEOUT)
                 sock = tls.wrap_socket(sock, server_hostname=sender.host)
                 sock.settimeout(None)
+                presented = sock.getpeercert(binary_form=True) or b""
+                if hashlib.sha256(presented).digest() != sender.cert:
+                    raise ssl.SSLError(
+                        f"the port at {sender.host}:{sender.port} is not {sender.agent!r}'s: "
+                        "its certificate is not the one its reference names"
+                    )
         except (OSError, ssl.SSLError) as e:
             sock.close()
             raise Unreachable(f"TLS with {sender.agent!r} at {sender.host}: {e}") from e

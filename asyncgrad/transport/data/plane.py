@@ -17,6 +17,7 @@ Frames held for a receiver whose heartbeat lapsed are dropped (`sweep`).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import socket
@@ -113,7 +114,7 @@ class DataPlane:
         self._pusher = Pusher(self._acked)
         # Agents on this host, by name: their local sockets, learned from their references.
         self._local_peers: dict[str, bytes] = {}
-        self.endpoints = Endpoints.here(name, b"", "", 0, False)
+        self.endpoints = Endpoints.here(name, b"", "", 0, b"")
         self._server: DataServer | None = None
         self._fetcher: Fetcher | None = None
         self._inline_until: dict[str, float] = {}
@@ -126,7 +127,7 @@ class DataPlane:
     async def start(self) -> None:
         if not self.direct:
             return
-        server_tls, client_tls, tcp = _tls_contexts(self._address)
+        server_tls, client_tls, fingerprint, tcp = _tls_contexts(self._address)
         server = self._server = DataServer(
             self.name, self.held, self.pushed, self._count_served, server_tls
         )
@@ -138,7 +139,7 @@ class DataPlane:
             host = self.settings.advertise or os.environ.get("ASYNCGRAD_DATA_HOST") or ""
             if not host:
                 host = _facing(self._address) if bound_host in ("0.0.0.0", "::") else bound_host
-        self.endpoints = Endpoints.here(self.name, unix, host, port, server_tls is not None)
+        self.endpoints = Endpoints.here(self.name, unix, host, port, fingerprint)
         self._fetcher = Fetcher(
             self.endpoints, self.mappings, self.pushed, server.poll, client_tls, self._count_fetched
         )
@@ -418,23 +419,31 @@ def _facing(address: RedisAddress) -> str:
 
 def _tls_contexts(
     address: RedisAddress,
-) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None, bool]:
-    """(server, client, tcp): the TLS contexts of direct TCP connections, and whether
-    there may be any. With a TLS control plane they use TLS too, with the agent's own
-    certificate both ways (verified against the CA); without one, no direct TCP."""
+) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None, bytes, bool]:
+    """(server, client, fingerprint, tcp): the TLS contexts of direct TCP connections, the
+    SHA-256 of the certificate this agent's port presents, and whether there may be
+    direct TCP at all. With a TLS control plane they use TLS too, with the agent's own
+    certificate both ways; without one, no direct TCP.
+
+    The port requires the receiver's certificate, signed by the CA. The receiver checks
+    the port's certificate by its fingerprint, which came in the reference (through the
+    authenticated control plane), not by the CA: agents' certificates are usually client
+    certificates, which a TLS client refuses as a server's ("unsuitable purpose")."""
     tls = address.tls
     if tls is None:
-        return None, None, True
+        return None, None, b"", True
     certfile, ca = tls.get("ssl_certfile"), tls.get("ssl_ca_certs")
     if not certfile or not ca:
-        return None, None, False
+        return None, None, b"", False
     keyfile = tls.get("ssl_keyfile")
     server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=ca)
     server.load_cert_chain(certfile, keyfile)
     server.verify_mode = ssl.CERT_REQUIRED
-    client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.minimum_version = ssl.TLSVersion.TLSv1_2
     client.load_cert_chain(certfile, keyfile)
-    # The peer is named by the (authenticated) control plane, not by a hostname: any
-    # certificate of the CA, with the token, is the sender asked for.
     client.check_hostname = False
-    return server, client, True
+    client.verify_mode = ssl.CERT_NONE  # the fingerprint is checked instead (fetch.py)
+    with open(certfile) as f:
+        der = ssl.PEM_cert_to_DER_cert(f.read())
+    return server, client, hashlib.sha256(der).digest(), True

@@ -27,9 +27,9 @@ __all__ = ["TOKEN_BYTES", "Endpoints", "Reference", "RefField", "new_token"]
 
 TOKEN_BYTES: Final = 16
 _VERSION: Final = 1
-# version, token, size, network namespace, TCP port, TLS; then agent, boot id, unix socket
-# name and TCP host, each after its length.
-_FIXED: Final = struct.Struct(f"<B{TOKEN_BYTES}sQQHB")
+# version, token, size, network namespace, TCP port; then agent, boot id, unix socket name,
+# TCP host and certificate fingerprint, each after its length.
+_FIXED: Final = struct.Struct(f"<B{TOKEN_BYTES}sQQH")
 _TEXT: Final = struct.Struct("<H")
 
 
@@ -47,7 +47,9 @@ def new_token() -> bytes:
 @dataclass(frozen=True, slots=True)
 class Endpoints:
     """Where an agent serves its frames: `unix` (an abstract socket name, b"" if none),
-    `host`/`port` (TCP, port 0 if none), `tls`; and what it runs under (`boot`, `net`)."""
+    `host`/`port` (TCP, port 0 if none) and, with TLS, the fingerprint of its certificate
+    (`cert`), which the receiver checks: the control plane vouches for it; and what the
+    agent runs under (`boot`, `net`)."""
 
     agent: str
     boot: str
@@ -55,12 +57,16 @@ class Endpoints:
     unix: bytes = b""
     host: str = ""
     port: int = 0
-    tls: bool = False
+    cert: bytes = b""  # with TLS: the SHA-256 of the certificate the TCP port presents
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.cert)
 
     @classmethod
-    def here(cls, agent: str, unix: bytes, host: str, port: int, tls: bool) -> Endpoints:
+    def here(cls, agent: str, unix: bytes, host: str, port: int, cert: bytes) -> Endpoints:
         boot, net = _kernel()
-        return cls(agent, boot, net, unix, host, port, tls)
+        return cls(agent, boot, net, unix, host, port, cert)
 
     def shares_memory_with(self, other: Endpoints) -> bool:
         """Whether `other`'s local socket (and memfds) can be reached from here."""
@@ -77,18 +83,18 @@ class Reference:
 
     def encode(self) -> RefField:
         s = self.sender
-        fixed = _FIXED.pack(_VERSION, self.token, self.size, s.net, s.port, s.tls)
-        texts = (s.agent.encode(), s.boot.encode(), s.unix, s.host.encode())
+        fixed = _FIXED.pack(_VERSION, self.token, self.size, s.net, s.port)
+        texts = (s.agent.encode(), s.boot.encode(), s.unix, s.host.encode(), s.cert)
         return RefField(fixed + b"".join(_TEXT.pack(len(t)) + t for t in texts))
 
     @classmethod
     def decode(cls, data: bytes) -> Reference:
         """`MessageError` unless `data` is a reference `encode` made."""
         try:
-            version, token, size, net, port, tls = _FIXED.unpack_from(data)
+            version, token, size, net, port = _FIXED.unpack_from(data)
             texts: list[bytes] = []
             at = _FIXED.size
-            for _ in range(4):
+            for _ in range(5):
                 (length,) = _TEXT.unpack_from(data, at)
                 at += _TEXT.size
                 texts.append(data[at : at + length])
@@ -98,9 +104,9 @@ class Reference:
             agent, boot, host = (texts[0].decode(), texts[1].decode(), texts[3].decode())
         except (struct.error, ValueError) as e:
             raise MessageError(f"malformed data reference: {e}") from e
-        if version != _VERSION or at != len(data) or size <= 0 or tls > 1:
+        if version != _VERSION or at != len(data) or size <= 0 or len(texts[4]) not in (0, 32):
             raise MessageError("malformed data reference")
-        return cls(Endpoints(agent, boot, net, texts[2], host, port, bool(tls)), token, size)
+        return cls(Endpoints(agent, boot, net, texts[2], host, port, texts[4]), token, size)
 
 
 @cache
