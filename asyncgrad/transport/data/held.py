@@ -62,6 +62,16 @@ class Held:
             self.on_drained()
         return frame.snapshot
 
+    def as_file(self, token: bytes, snapshot: Snapshot) -> Snapshot:
+        """The taken frame under `token` is `snapshot` from now on (a copy of it as a file,
+        for a receiver on this host)."""
+        with self._lock:
+            frame = self._taken.get(token)
+            if frame is not None and frame.snapshot is not snapshot:
+                frame.snapshot.close()
+                frame.snapshot = snapshot
+        return snapshot
+
     def restore(self, token: bytes) -> None:
         """A frame taken and not sent (the connection broke): fetchable again, by Redis."""
         with self._lock:
@@ -69,11 +79,13 @@ class Held:
             if frame is not None:
                 self._frames[token] = frame
 
-    def sent(self, token: bytes) -> None:
+    def sent(self, token: bytes, recycle: bool = False) -> None:
+        """The taken frame is out; `recycle`: its memory may serve the next snapshot
+        (nothing refers to it any more)."""
         with self._lock:
             frame = self._taken.pop(token, None)
         if frame is not None:
-            frame.snapshot.close()
+            frame.snapshot.close(sent=recycle)
 
     def drop_for(self, dest: str, token: bytes) -> None:
         """Drop a frame its receiver declined (only that receiver may)."""

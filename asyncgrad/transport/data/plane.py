@@ -32,7 +32,7 @@ from typing import Any, Final, Literal, TypeVar
 from asyncgrad.errors import CodecError, TransferLost
 from asyncgrad.transport.data.fetch import Broken, Fetcher, Pusher, Unreachable
 from asyncgrad.transport.data.held import Held
-from asyncgrad.transport.data.memory import Mappings, snapshot
+from asyncgrad.transport.data.memory import BufferPool, Mappings, Snapshot, snapshot
 from asyncgrad.transport.data.pushed import Pushed
 from asyncgrad.transport.data.reference import Endpoints, Reference, RefField
 from asyncgrad.transport.data.server import DataServer
@@ -111,9 +111,11 @@ class DataPlane:
         self.held = Held()
         self.pushed = Pushed()
         self.mappings = Mappings()
+        self._pool = BufferPool()
         self._pusher = Pusher(self._acked)
         # Agents on this host, by name: their local sockets, learned from their references.
         self._local_peers: dict[str, bytes] = {}
+        self._remote_peers: set[str] = set()  # and those on other hosts
         self.endpoints = Endpoints.here(name, b"", "", 0, b"")
         self._server: DataServer | None = None
         self._fetcher: Fetcher | None = None
@@ -210,6 +212,8 @@ class DataPlane:
                 snap = self.mappings.find(frame)
                 if snap is not None:
                     self.counts["sent_shared"] += 1  # a received frame sent on: no copy
+                elif dest in self._remote_peers:
+                    snap = Snapshot.of_bytes(frame, self._pool)  # it only goes to a socket
                 else:
                     snap = snapshot(frame)
             except OSError as e:  # out of memory or of file descriptors: Redis takes it
@@ -220,7 +224,7 @@ class DataPlane:
             out[i] = Reference(self.endpoints, token, snap.length).encode()
             self.counts["sent_direct"] += 1
             unix = self._local_peers.get(dest)
-            if unix is not None:
+            if unix is not None and snap.fd >= 0:
                 # Offered now, it is there when the message is read: no round trip then.
                 if self._pusher.offer(unix, token, snap):
                     self.counts["sent_offered"] += 1
@@ -302,6 +306,9 @@ class DataPlane:
         if fetcher is not None and path is not None:
             if path == "local":
                 self._local_peers[sender] = ref.sender.unix
+                self._remote_peers.discard(sender)
+            else:
+                self._remote_peers.add(sender)
             cancel = asyncio.Event()
             task = asyncio.ensure_future(fetcher.fetch(ref, cancel))
             try:

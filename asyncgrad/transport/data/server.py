@@ -164,6 +164,8 @@ class DataServer:
             conn.sock.send(_UNKNOWN)
             return True
         try:
+            if snapshot.fd < 0:  # a frame received from another host, sent on here
+                snapshot = self._held.as_file(token, snapshot.as_file())
             header = HEADER.pack(MAGIC, FOUND, FD, snapshot.offset, snapshot.length)
             rights = array.array("i", [snapshot.fd])
             conn.sock.sendmsg([header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
@@ -214,7 +216,7 @@ class DataServer:
                 except BaseException:
                     self._held.restore(token)
                     raise
-                self._held.sent(token)
+                self._held.sent(token, recycle=True)
                 self._served("tcp")
                 sock.settimeout(REQUEST_TIMEOUT)
         except (OSError, ssl.SSLError) as e:
@@ -227,12 +229,8 @@ class DataServer:
 
     def _send_bytes(self, sock: socket.socket, snapshot: Snapshot) -> None:
         sock.sendall(HEADER.pack(MAGIC, FOUND, BYTES, 0, snapshot.length))
-        if isinstance(sock, ssl.SSLSocket):
-            view = snapshot.view()
-            try:
-                sock.sendall(view)
-            finally:
-                view.release()
+        if isinstance(sock, ssl.SSLSocket) or snapshot.fd < 0:
+            sock.sendall(snapshot.view())
             return
         # The kernel sends from the memfd's pages: no copy through this process.
         with os.fdopen(snapshot.fd, "rb", closefd=False) as file:
