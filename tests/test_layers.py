@@ -42,6 +42,7 @@ LAYER_OF = {
     "transport.writer": "transport",
     "transport.data": "transport",
     "transport.data.fetch": "transport",
+    "transport.data.files": "transport",
     "transport.data.held": "transport",
     "transport.data.memory": "transport",
     "transport.data.plane": "transport",
