@@ -3,6 +3,8 @@
 The local socket is an abstract unix socket (Linux): it has no file to leave behind, and
 only processes in this network namespace can connect to it. It answers on the event
 loop, from callbacks: a request is 20 bytes, an answer a header and a file descriptor.
+As on the TCP port, a connection that sends no whole request for `REQUEST_TIMEOUT` is
+closed, and at most `MAX_CONNECTIONS` are served at once.
 
 The TCP port serves other hosts (and other network namespaces). Each connection gets a
 thread of its own, since a frame of megabytes goes out in one `sendfile` (or through TLS
@@ -222,7 +224,11 @@ class _LocalConnection:
         self.sock = sock
         self._buffer = b""
         sock.setblocking(False)
-        asyncio.get_running_loop().add_reader(sock, self._readable)
+        loop = asyncio.get_running_loop()
+        loop.add_reader(sock, self._readable)
+        # Else a peer that sends nothing holds a slot for ever: with MAX_CONNECTIONS of
+        # them, every receiver on this host would fetch through Redis.
+        self._idle = loop.call_later(REQUEST_TIMEOUT, self.close)
 
     def _readable(self) -> None:
         try:
@@ -245,10 +251,13 @@ class _LocalConnection:
                 if not self.server.answer_local(self, request):
                     self.close()
                     return
+                self._idle.cancel()
+                self._idle = asyncio.get_running_loop().call_later(REQUEST_TIMEOUT, self.close)
         except OSError:  # the receiver stopped reading its answers, or left
             self.close()
 
     def close(self) -> None:
+        self._idle.cancel()
         if self in self.server._local_conns:
             self.server._local_conns.discard(self)
             asyncio.get_running_loop().remove_reader(self.sock)
