@@ -18,6 +18,7 @@ import asyncio
 import collections
 import contextlib
 import fcntl
+import logging
 import mmap
 import os
 import socket
@@ -31,6 +32,8 @@ from asyncgrad.transport.data.protocol import BYTES, FD, FOUND, HEADER, MAGIC, r
 from asyncgrad.transport.data.reference import Endpoints, Reference
 
 __all__ = ["Broken", "Fetcher", "Unreachable"]
+
+logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 3.0
 _IDLE = 5.0  # a kept connection idle longer is closed (the server may have dropped it)
@@ -200,6 +203,13 @@ class Fetcher:
         either: set[asyncio.Future[Any]] = {done, aborted}
         try:
             await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            # Given up from outside (the sender stopped beating) before `cancel` was seen:
+            # the thread must be woken all the same, else it waits on a silent sender for
+            # ever, holding its socket and one of the loop's executor threads.
+            transfer.abort()
+            done.add_done_callback(_given_up)
+            raise
         finally:
             aborted.cancel()
         if not done.done():
@@ -310,6 +320,12 @@ class _TcpTransfer:
             os.close(fd)
             raise
         return self.fetcher._mappings.keep(fd, 0, length)
+
+
+def _given_up(transfer: asyncio.Future[Any]) -> None:
+    """A transfer nobody waits for any more ended (woken by its abort, as a rule)."""
+    if not transfer.cancelled() and (error := transfer.exception()) is not None:
+        logger.debug("event=transfer_given_up error=%r", error)
 
 
 def _fds_of(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
