@@ -149,7 +149,10 @@ class Fetcher:
         raise AssertionError("unreachable")
 
     async def _ask_local(self, sock: socket.socket, ref: Reference) -> memoryview:
-        sock.send(MAGIC + ref.token)  # 20 bytes into an idle socket: never blocks
+        try:
+            sock.send(MAGIC + ref.token)  # 20 bytes into an idle socket: never blocks
+        except OSError:  # the sender closed it already (no slot free; or a kept one)
+            raise _Stale from None
         loop = asyncio.get_running_loop()
         data = b""
         fds: list[int] = []
