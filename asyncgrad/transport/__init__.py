@@ -143,8 +143,10 @@ class Transport:
         """Connect, claim the name, register, create the inbox and its group, start
         heartbeats and reading; returns the agent's id."""
         try:
-            await self.data.start()
+            # Redis first: an agent that cannot reach it fails with that one error, having
+            # opened (and logged) nothing else; the data plane before the registry entry.
             await self._writer.connect()
+            await self.data.start()
             await self._reader.start()
         except ReplyError as e:
             if e.code == "NOPERM":
