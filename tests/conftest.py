@@ -320,15 +320,15 @@ class LogEvents(logging.Handler):
     def count(self, text: str) -> int:
         return sum(text in line for line in self.lines)
 
-    async def wait(self, text: str, n: int = 1) -> None:
-        """Until `n` lines containing `text` were logged; fails after DEADLINE s."""
+    async def wait(self, text: str, n: int = 1, within: float = DEADLINE) -> None:
+        """Until `n` lines containing `text` were logged; fails after `within` s."""
         try:
-            async with asyncio.timeout(DEADLINE):
+            async with asyncio.timeout(within):
                 while self.count(text) < n:
                     self._changed.clear()
                     await self._changed.wait()
         except TimeoutError:
-            pytest.fail(f"no {n} log lines with {text!r} within {DEADLINE} s: {self.lines}")
+            pytest.fail(f"no {n} log lines with {text!r} within {within} s: {self.lines}")
 
 
 @pytest.fixture

@@ -42,7 +42,6 @@ LAYER_OF = {
     "transport.writer": "transport",
     "transport.data": "transport",
     "transport.data.fetch": "transport",
-    "transport.data.files": "transport",
     "transport.data.held": "transport",
     "transport.data.memory": "transport",
     "transport.data.plane": "transport",

@@ -143,13 +143,15 @@ class Transport:
         """Connect, claim the name, register, create the inbox and its group, start
         heartbeats and reading; returns the agent's id."""
         try:
+            # Redis first: an agent that cannot reach it fails with that one error, having
+            # opened (and logged) nothing else; the data plane before the registry entry.
+            await self._writer.connect()
             await self.data.start()
             if (port := self.data.endpoints.port) != 0:
                 host = self.data.endpoints.host
                 self._heartbeat.data_address = (
                     f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
                 )
-            await self._writer.connect()
             await self._reader.start()
         except ReplyError as e:
             if e.code == "NOPERM":

@@ -20,6 +20,7 @@ import asyncio
 import collections
 import contextlib
 import hashlib
+import logging
 import os
 import socket
 import ssl
@@ -44,6 +45,8 @@ from asyncgrad.transport.data.pushed import Pushed
 from asyncgrad.transport.data.reference import TOKEN_BYTES, Endpoints, Reference
 
 __all__ = ["Broken", "Fetcher", "Pusher", "Unreachable"]
+
+logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 3.0
 _IDLE = 5.0  # a kept connection idle longer is closed (the server may have dropped it)
@@ -172,7 +175,10 @@ class Fetcher:
         raise AssertionError("unreachable")
 
     async def _ask_local(self, sock: socket.socket, ref: Reference) -> memoryview:
-        sock.send(MAGIC + ref.token)  # one small message into an idle socket: never blocks
+        try:
+            sock.send(MAGIC + ref.token)  # one small message into an idle socket: never blocks
+        except OSError:  # the sender closed it already (no slot free; or a kept one)
+            raise _Stale from None
         loop = asyncio.get_running_loop()
         while True:
             try:
@@ -227,6 +233,13 @@ class Fetcher:
         either: set[asyncio.Future[Any]] = {done, aborted}
         try:
             await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            # Given up from outside (the sender stopped beating) before `cancel` was seen:
+            # the thread must be woken all the same, else it waits on a silent sender for
+            # ever, holding its socket and one of the loop's executor threads.
+            transfer.abort()
+            done.add_done_callback(_given_up)
+            raise
         finally:
             aborted.cancel()
         if not done.done():
@@ -338,6 +351,12 @@ class _TcpTransfer:
             except OSError as e:
                 raise Broken(f"data connection to {ref.sender.agent!r}: {e}") from e
         return self.fetcher._mappings.keep_buffer(buffer)
+
+
+def _given_up(transfer: asyncio.Future[Any]) -> None:
+    """A transfer nobody waits for any more ended (woken by its abort, as a rule)."""
+    if not transfer.cancelled() and (error := transfer.exception()) is not None:
+        logger.debug("event=transfer_given_up error=%r", error)
 
 
 def _seqpacket() -> socket.socket:

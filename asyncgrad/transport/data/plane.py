@@ -31,9 +31,8 @@ from typing import Any, Final, Literal, TypeVar
 
 from asyncgrad.errors import CodecError, TransferLost
 from asyncgrad.transport.data.fetch import Broken, Fetcher, Pusher, Unreachable
-from asyncgrad.transport.data.files import FilePool
 from asyncgrad.transport.data.held import Held
-from asyncgrad.transport.data.memory import BufferPool, Mappings, Snapshot
+from asyncgrad.transport.data.memory import BufferPool, Mappings, Snapshot, snapshot
 from asyncgrad.transport.data.pushed import Pushed
 from asyncgrad.transport.data.reference import Endpoints, Reference, RefField
 from asyncgrad.transport.data.server import DataServer
@@ -113,7 +112,6 @@ class DataPlane:
         self.pushed = Pushed()
         self.mappings = Mappings()
         self._pool = BufferPool()
-        self._files = FilePool(name)
         self._pusher = Pusher(self._acked)
         # Agents on this host, by name: their local sockets, learned from their references.
         self._local_peers: dict[str, bytes] = {}
@@ -144,7 +142,6 @@ class DataPlane:
             if not host:
                 host = _facing(self._address) if bound_host in ("0.0.0.0", "::") else bound_host
         self.endpoints = Endpoints.here(self.name, unix, host, port, fingerprint)
-        self._files.start()
         self._fetcher = Fetcher(
             self.endpoints, self.mappings, self.pushed, server.poll, client_tls, self._count_fetched
         )
@@ -185,7 +182,6 @@ class DataPlane:
         self._pusher.close()
         self.pushed.close()
         self.held.close()
-        self._files.close()
         for future in self._awaiting.values():
             if not future.done():
                 future.set_exception(TransferLost(f"agent {self.name!r} closed"))
@@ -219,7 +215,7 @@ class DataPlane:
                 elif dest in self._remote_peers:
                     snap = Snapshot.of_bytes(frame, self._pool)  # it only goes to a socket
                 else:
-                    snap = self._files.snapshot(frame)
+                    snap = snapshot(frame)
             except OSError as e:  # out of memory or of file descriptors: Redis takes it
                 logger.warning("event=snapshot_failed agent=%s error=%s", self.name, e)
                 continue
@@ -391,7 +387,6 @@ class DataPlane:
             for tokens in self.held.waiting(_HELD_MAX_AGE).values():
                 self.held.drop(tokens)
             self.pushed.expire(_HELD_MAX_AGE)
-            self._files.expire()
 
     def _count_served(self, path: str) -> None:
         with self._counting:

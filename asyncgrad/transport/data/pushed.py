@@ -46,6 +46,9 @@ class Pushed:
             return
         self._offers[token] = offer
 
+    def from_connection(self, conn: socket.socket) -> bool:
+        return any(offer.conn is conn for offer in self._offers.values())
+
     def claim(self, token: bytes) -> Offer | None:
         """The offer under `token`, if any (the caller owns its fd); its sender is told."""
         offer = self._offers.pop(token, None)

@@ -3,7 +3,9 @@
 The local socket is an abstract unix socket (Linux): it has no file to leave behind, and
 only processes in this network namespace can connect to it. It answers on the event
 loop, from callbacks: a request is 20 bytes, an answer a header and a file descriptor;
-it also takes frames offered by their senders (`protocol.PUSH`) as `Pushed` offers.
+it also takes frames offered by their senders (`protocol.PUSH`) as `Pushed` offers. As
+on the TCP port, a connection that sends nothing for `REQUEST_TIMEOUT` is closed, and at
+most `MAX_CONNECTIONS` are served at once.
 
 The TCP port serves other hosts (and other network namespaces). Each connection gets a
 thread of its own, since a frame of megabytes goes out in one `sendfile` (or through TLS
@@ -135,6 +137,9 @@ class DataServer:
         self._local_conns.add(_LocalConnection(self, sock))
         return True
 
+    def offered_by(self, sock: socket.socket) -> bool:
+        return self._pushed.from_connection(sock)
+
     def owns(self, conn: _LocalConnection) -> bool:
         return conn in self._local_conns
 
@@ -247,7 +252,11 @@ class _LocalConnection:
         self.server = server
         self.sock = sock
         sock.setblocking(False)
-        asyncio.get_running_loop().add_reader(sock, self.readable)
+        loop = asyncio.get_running_loop()
+        loop.add_reader(sock, self.readable)
+        # Else a peer that sends nothing holds a slot for ever: with MAX_CONNECTIONS of
+        # them, every receiver on this host would fetch through Redis.
+        self._idle = loop.call_later(REQUEST_TIMEOUT, self._idled)
 
     def readable(self) -> None:
         """Handle every message waiting (also called by `DataServer.poll`)."""
@@ -260,6 +269,8 @@ class _LocalConnection:
                 self.close()
                 return
             fds = fds_of(ancillary)
+            self._idle.cancel()
+            self._idle = asyncio.get_running_loop().call_later(REQUEST_TIMEOUT, self._idled)
             try:
                 if not data or not self.server.handle_local(self, data, fds):
                     self.close()
@@ -269,7 +280,14 @@ class _LocalConnection:
                 for fd in fds:
                     os.close(fd)
 
+    def _idled(self) -> None:
+        if self.server.offered_by(self.sock):  # its acks are still to go out on it
+            self._idle = asyncio.get_running_loop().call_later(REQUEST_TIMEOUT, self._idled)
+        else:
+            self.close()
+
     def close(self) -> None:
+        self._idle.cancel()
         if self.server.owns(self):
             self.server.drop(self)
             asyncio.get_running_loop().remove_reader(self.sock)
