@@ -254,8 +254,9 @@ _M = TypeVar("_M", bound=mmap.mmap)
 
 
 def _anonymous(size: int, kind: type[_M]) -> _M:
-    """Private memory of this process, in huge pages where the kernel allows them."""
-    m = kind(-1, size)
+    """Private memory of this process, in huge pages where the kernel allows them. (Not
+    mmap's default MAP_SHARED: shared anonymous memory is tmpfs, 4 KiB pages only here.)"""
+    m = kind(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if size >= _LARGE and hasattr(mmap, "MADV_HUGEPAGE"):
         m.madvise(mmap.MADV_HUGEPAGE)
     return m
