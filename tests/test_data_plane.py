@@ -122,6 +122,9 @@ async def test_a_received_array_is_sent_on_without_a_copy(
         np.testing.assert_array_equal(await driver.rpc_async("w", "dp.echo", args=(x,)), x)
     assert worker.data_plane_stats()["sent_shared"] == 3
     assert "sent_shared" not in driver.data_plane_stats()
+    # Each receiver took its frame as offered, and acked it; a round trip later both
+    # senders have read the acks.
+    await driver.rpc_async("w", "dp.stats")
     assert worker.data_plane_stats()["held"] == driver.data_plane_stats()["held"] == 0
 
 

@@ -226,7 +226,10 @@ class Reader:
             for frames in messages:
                 message = Inbound(frames, entry, redelivered)
                 if self._waiting or (self._data is not None and _refers(frames)):
-                    self._hold(message)
+                    if not self._waiting and self._resolved_now(message):
+                        batch.append(message)  # its frames were offered: here already
+                    else:
+                        self._hold(message)
                 else:
                     batch.append(message)
         if batch:
@@ -243,6 +246,14 @@ class Reader:
         self._writer.ack(entry_id)
 
     # *** frames fetched by the data plane ***
+
+    def _resolved_now(self, message: Inbound) -> bool:
+        assert self._data is not None
+        done = self._data.resolve_now(message.frames)
+        if isinstance(done, CodecError):
+            message.error = done
+            return True
+        return done
 
     def _hold(self, message: Inbound) -> None:
         """Keep a message until it, and every message read before it, can be delivered."""

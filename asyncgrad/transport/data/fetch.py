@@ -138,15 +138,26 @@ class Fetcher:
 
     # *** local ***
 
-    async def _fetch_local(self, ref: Reference) -> memoryview:
+    def offered(self, refs: list[Reference]) -> bool:
+        """Whether every one of `refs` was offered here (an offer may wait on the local
+        socket, not yet read: it is read now)."""
+        if not all(self._pushed.has(ref.token) for ref in refs):
+            self._poll()
+        return all(self._pushed.has(ref.token) for ref in refs)
+
+    def take_offered(self, ref: Reference) -> memoryview | None:
+        """The frame of `ref`, if it was offered (`Broken` if the offer is not a valid
+        frame); its sender is told it can stop holding it."""
         offer = self._pushed.claim(ref.token)
         if offer is None:
-            self._poll()  # the offer may wait on the local socket, not yet read
-            offer = self._pushed.claim(ref.token)
-        if offer is not None:
-            view = self._map(ref, offer.fd, offer.offset, offer.length)
-            self._fetched("local")
-            self._fetched("offered")
+            return None
+        view = self._map(ref, offer.fd, offer.offset, offer.length)
+        self._fetched("local")
+        self._fetched("offered")
+        return view
+
+    async def _fetch_local(self, ref: Reference) -> memoryview:
+        if self.offered([ref]) and (view := self.take_offered(ref)) is not None:
             return view
         key = ref.sender.unix
         for attempt in (1, 2):

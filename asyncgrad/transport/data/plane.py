@@ -270,6 +270,34 @@ class DataPlane:
 
     # *** in ***
 
+    def resolve_now(self, frames: list[Any]) -> bool | CodecError:
+        """Resolve `frames` at once if every reference among them was offered (the usual
+        case on one host): True; else False, having taken nothing (`resolve` then), or
+        the error that the message carries instead."""
+        fetcher = self._fetcher
+        if fetcher is None:
+            return False
+        try:
+            refs = [(i, Reference.decode(f)) for i, f in enumerate(frames) if type(f) is RefField]
+        except CodecError:
+            return False  # `resolve` says so
+        local = all(fetcher.path(ref) == "local" for _, ref in refs)
+        if not local or not fetcher.offered([ref for _, ref in refs]):
+            return False
+        if sum(ref.size for _, ref in refs) > self.settings.max_size:
+            return False
+        for _, ref in refs:
+            self._learn(ref, "local")
+        try:
+            for i, ref in refs:
+                view = fetcher.take_offered(ref)
+                if view is None:  # only this loop takes offers: it was there a moment ago
+                    raise Broken(f"the offer of {ref.sender.agent!r} went")
+                frames[i] = view
+        except Broken as e:
+            return TransferLost(str(e))
+        return True
+
     async def resolve(self, frames: list[Any]) -> None:
         """Replace, in place, each reference among `frames` by its frame. `TransferLost` if
         one cannot be had (its bytes never arrive); a `CodecError` (nothing fetched) for a
@@ -304,11 +332,7 @@ class DataPlane:
         unreachable = True
         path = fetcher.path(ref) if fetcher is not None else None
         if fetcher is not None and path is not None:
-            if path == "local":
-                self._local_peers[sender] = ref.sender.unix
-                self._remote_peers.discard(sender)
-            else:
-                self._remote_peers.add(sender)
+            self._learn(ref, path)
             cancel = asyncio.Event()
             task = asyncio.ensure_future(fetcher.fetch(ref, cancel))
             try:
@@ -322,6 +346,16 @@ class DataPlane:
                 logger.info("event=data_broken agent=%s sender=%s error=%s", self.name, sender, e)
                 unreachable = False
         return await self._via_redis(ref, unreachable)
+
+    def _learn(self, ref: Reference, path: str) -> None:
+        """Where `ref`'s sender is: on this host (its frames to it are offered as they
+        leave) or on another (they are copied to memory, not to a file)."""
+        sender = ref.sender.agent
+        if path == "local":
+            self._local_peers[sender] = ref.sender.unix
+            self._remote_peers.discard(sender)
+        else:
+            self._remote_peers.add(sender)
 
     async def _via_redis(self, ref: Reference, unreachable: bool) -> bytes:
         sender = ref.sender.agent

@@ -46,6 +46,9 @@ class Pushed:
             return
         self._offers[token] = offer
 
+    def has(self, token: bytes) -> bool:
+        return token in self._offers
+
     def from_connection(self, conn: socket.socket) -> bool:
         return any(offer.conn is conn for offer in self._offers.values())
 
