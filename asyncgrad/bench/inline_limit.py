@@ -5,8 +5,8 @@
 For each size, the echo (a driver and a worker process, as in B3) runs with every array
 through Redis (`data_plane="redis"`) and with every array by the data plane
 (`inline_limit=8192`), alternately, `--runs` times each; the table shows the median time per
-echo of each and their ratio. The default limit (docs/BENCH.md, "inline_limit") is the
-smallest size from which the direct path is faster in every run.
+echo of each and their ratio. The default limit (docs/BENCH.md, "inline_limit") is set
+where the two cross.
 """
 
 from __future__ import annotations
