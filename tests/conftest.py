@@ -32,6 +32,7 @@ import redis.cluster
 
 from asyncgrad.embedded import EmbeddedRedis
 from asyncgrad.rpc import Agent
+from asyncgrad.simulated_hosts import HostsUnavailable, SimulatedHost, SimulatedHosts
 from asyncgrad.transport.resp import RedisAddress
 from tests.cluster_servers import ClusterServers, ClusterUnsupported, find_binaries
 
@@ -341,3 +342,48 @@ async def log_events() -> AsyncIterator[LogEvents]:
     yield handler
     logger.removeHandler(handler)
     logger.setLevel(level)
+
+
+# *** simulated hosts (tests/test_hosts.py, tests/test_hosts_data.py) ***
+
+ROLES = ("redis", "driver", "w1", "w2")
+
+
+def listed() -> set[str]:
+    """The network namespaces `ip netns list` names."""
+    out = subprocess.run(
+        ["ip", "netns", "list"], capture_output=True, text=True, timeout=DEADLINE, check=True
+    ).stdout
+    return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
+@pytest.fixture(scope="module")
+def namespaces() -> None:
+    """Skip, with the reason, where simulated hosts cannot be made."""
+    try:
+        with SimulatedHosts(2):
+            pass
+    except HostsUnavailable as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture
+def hosts(namespaces: None) -> Iterator[dict[str, SimulatedHost]]:
+    """Four simulated hosts by role; afterwards none of the run's namespaces is listed."""
+    run = SimulatedHosts(len(ROLES))
+    with run as made:
+        yield dict(zip(ROLES, made, strict=True))
+    assert {name for name in listed() if name.startswith(run.stem)} == set()
+
+
+@pytest.fixture
+def redis_on_host(hosts: dict[str, SimulatedHost]) -> Iterator[EmbeddedRedis]:
+    with hosts["redis"].redis(os.environ.get("ASYNCGRAD_REDIS_SERVER")) as server:
+        yield server
+
+
+@pytest.fixture
+def on_driver_host(hosts: dict[str, SimulatedHost]) -> Iterator[None]:
+    """This thread, the test's event loop's, on the driver's host for the test."""
+    with hosts["driver"].entered():
+        yield

@@ -29,64 +29,22 @@ from asyncgrad.embedded import EmbeddedRedis
 from asyncgrad.local_cluster import LocalCluster
 from asyncgrad.simulated_hosts import (
     NETNS_DIR,
-    HostsUnavailable,
     SimulatedHost,
     SimulatedHosts,
     remove_leftovers,
 )
-from tests.conftest import DEADLINE, ROOT, redis_py
+from tests.conftest import DEADLINE, ROOT, listed, redis_py
 from tests.test_dist_autograd import X, chain_backward, local_chain
 
-ROLES = ("redis", "driver", "w1", "w2")
 WORKERS = ("w1", "w2")
 MODULES = ["asyncgrad.workloads.echo", "tests.dist_funcs", "tests.host_funcs"]
 SPAWN_TIMEOUT_S = 30.0  # the workers' start, on a busy 2-core machine
-
-
-def listed() -> set[str]:
-    """The network namespaces `ip netns list` names."""
-    out = subprocess.run(
-        ["ip", "netns", "list"], capture_output=True, text=True, timeout=DEADLINE, check=True
-    ).stdout
-    return {line.split()[0] for line in out.splitlines() if line.strip()}
 
 
 def network(pid: str) -> int:
     """The network namespace of a process (`thread-self`: this thread's), by its inode."""
     path = "/proc/thread-self/ns/net" if pid == "thread-self" else f"/proc/{pid}/ns/net"
     return os.stat(path).st_ino
-
-
-@pytest.fixture(scope="module")
-def namespaces() -> None:
-    """Skip, with the reason, where simulated hosts cannot be made."""
-    try:
-        with SimulatedHosts(2):
-            pass
-    except HostsUnavailable as e:
-        pytest.skip(str(e))
-
-
-@pytest.fixture
-def hosts(namespaces: None) -> Iterator[dict[str, SimulatedHost]]:
-    """Four simulated hosts by role; afterwards none of the run's namespaces is listed."""
-    run = SimulatedHosts(len(ROLES))
-    with run as made:
-        yield dict(zip(ROLES, made, strict=True))
-    assert {name for name in listed() if name.startswith(run.stem)} == set()
-
-
-@pytest.fixture
-def redis_on_host(hosts: dict[str, SimulatedHost]) -> Iterator[EmbeddedRedis]:
-    with hosts["redis"].redis(os.environ.get("ASYNCGRAD_REDIS_SERVER")) as server:
-        yield server
-
-
-@pytest.fixture
-def on_driver_host(hosts: dict[str, SimulatedHost]) -> Iterator[None]:
-    """This thread, the test's event loop's, on the driver's host for the test."""
-    with hosts["driver"].entered():
-        yield
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,37 +23,13 @@ import asyncgrad as ag
 from asyncgrad import rpc
 from asyncgrad.embedded import EmbeddedRedis
 from asyncgrad.local_cluster import LocalCluster
-from asyncgrad.simulated_hosts import SimulatedHost, SimulatedHosts
+from asyncgrad.simulated_hosts import SimulatedHost
 from tests.conftest import LogEvents
 from tests.security_fixtures import make_certificates, start_tls_server
 from tests.test_hosts import MODULES, SPAWN_TIMEOUT_S
 
 MiB = 1 << 20
 FAILURE_S = 2.0  # every agent's failure_timeout here: a dead peer is found within it
-ROLES = ("redis", "driver", "w1", "w2")
-
-
-@pytest.fixture
-def hosts(namespaces: None) -> Iterator[dict[str, SimulatedHost]]:
-    with SimulatedHosts(len(ROLES)) as made:
-        yield dict(zip(ROLES, made, strict=True))
-
-
-@pytest.fixture(scope="module")
-def namespaces() -> None:
-    from asyncgrad.simulated_hosts import HostsUnavailable
-
-    try:
-        with SimulatedHosts(2):
-            pass
-    except HostsUnavailable as e:
-        pytest.skip(str(e))
-
-
-@pytest.fixture
-def redis_on_host(hosts: dict[str, SimulatedHost]) -> Iterator[EmbeddedRedis]:
-    with hosts["redis"].redis(os.environ.get("ASYNCGRAD_REDIS_SERVER")) as server:
-        yield server
 
 
 def workers_on(
@@ -72,12 +47,6 @@ def workers_on(
         worker_args=["--failure-timeout", str(FAILURE_S)],
         command_prefix=prefix,
     )
-
-
-@pytest.fixture
-async def driver_host(hosts: dict[str, SimulatedHost]) -> AsyncIterator[None]:
-    with hosts["driver"].entered():
-        yield
 
 
 def memfds(pid: str = "self") -> int:
@@ -100,7 +69,7 @@ def memfds(pid: str = "self") -> int:
 async def test_a_data_port_out_of_reach_falls_back_to_redis(
     hosts: dict[str, SimulatedHost],
     redis_on_host: EmbeddedRedis,
-    driver_host: None,
+    on_driver_host: None,
     advertised: str,
 ) -> None:
     """w1 advertises a data address the driver cannot reach: the driver gets w1's large
@@ -124,7 +93,7 @@ async def test_a_data_port_out_of_reach_falls_back_to_redis(
 
 @pytest.mark.timeout(60)
 async def test_with_tls_redis_the_data_connections_use_tls(
-    hosts: dict[str, SimulatedHost], driver_host: None, tmp_path: Path
+    hosts: dict[str, SimulatedHost], on_driver_host: None, tmp_path: Path
 ) -> None:
     """rediss:// with a client certificate: frames cross hosts by TCP, in TLS. The data
     port speaks nothing but TLS to a plain client, and the driver checked the port's
@@ -181,7 +150,7 @@ def sent_bytes(host: SimulatedHost) -> int:
 
 @pytest.mark.timeout(60)
 async def test_a_sender_killed_mid_transfer_fails_the_call_within_the_failure_window(
-    hosts: dict[str, SimulatedHost], redis_on_host: EmbeddedRedis, driver_host: None
+    hosts: dict[str, SimulatedHost], redis_on_host: EmbeddedRedis, on_driver_host: None
 ) -> None:
     """w1's 64 MiB result crawls to the driver over a 100 Mbit/s link; w1 is SIGKILLed
     with part of it sent: the call fails with OutcomeUnknown (it ran) within the failure
@@ -212,7 +181,7 @@ async def test_a_sender_killed_mid_transfer_fails_the_call_within_the_failure_wi
 async def test_a_receiver_killed_mid_transfer_fails_the_call_and_frees_the_frame(
     hosts: dict[str, SimulatedHost],
     redis_on_host: EmbeddedRedis,
-    driver_host: None,
+    on_driver_host: None,
     log_events: LogEvents,
 ) -> None:
     """The driver's 64 MiB argument crawls to w1 over a 100 Mbit/s link; w1 is SIGKILLed
