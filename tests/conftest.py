@@ -286,19 +286,21 @@ async def kill_clients(client: aredis.Redis, *names: str) -> int:
     return killed
 
 
-async def eventually(probe: Callable[[], Awaitable[bool]], what: str) -> None:
-    """Ask `probe` (a query to Redis) again until it holds; fail after DEADLINE s.
+async def eventually(
+    probe: Callable[[], Awaitable[bool]], what: str, within: float = DEADLINE
+) -> None:
+    """Ask `probe` (a query to Redis) again until it holds; fail after `within` s.
 
     Each check is a round trip to Redis, which paces the loop: no sleep. The deadline is
     checked between probes too, in case a client swallows the timeout's cancellation.
     """
-    deadline = time.monotonic() + DEADLINE
+    deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(deadline - time.monotonic()):
                 if await probe():
                     return
-    pytest.fail(f"not within {DEADLINE} s: {what}")
+    pytest.fail(f"not within {within} s: {what}")
 
 
 class LogEvents(logging.Handler):

@@ -1,7 +1,7 @@
 """What processes of this host hold or leave behind, read from /proc (Linux): the data
 plane's memfds (`memfd:asyncgrad-frame`), the file a mapped array lies in, listening
 sockets (abstract unix ones are listed in /proc/net/unix with a leading `@`), and files
-named asyncgrad in /dev/shm and /tmp.
+in /dev/shm and /tmp.
 
 Read from outside the processes, as an operator would look: no agent is asked.
 """
@@ -114,13 +114,16 @@ def data_sockets(pid: int) -> Listening:
 
 
 def named_files() -> set[str]:
-    """Entries of /dev/shm and /tmp whose name says asyncgrad, except the directories of
-    embedded Redis servers (`asyncgrad-redis-*`: this session's, and other sessions' on
-    this host, come and go meanwhile; they are no agent's)."""
+    """What the data plane could have left in the file system: shared memory by name
+    (entries of /dev/shm that say asyncgrad), and entries of /tmp named as its memfds and
+    sockets are (`asyncgrad-frame`, `asyncgrad-data-`). Not all of /tmp's `asyncgrad-*`:
+    the test Redis servers of this and of other sessions on this host come and go."""
     found = set()
-    for where in ("/dev/shm", "/tmp"):
-        with contextlib.suppress(FileNotFoundError):
-            for name in os.listdir(where):
-                if "asyncgrad" in name.lower() and not name.startswith("asyncgrad-redis-"):
-                    found.add(f"{where}/{name}")
+    with contextlib.suppress(FileNotFoundError):
+        for name in os.listdir("/dev/shm"):
+            if "asyncgrad" in name.lower():
+                found.add(f"/dev/shm/{name}")
+    for name in os.listdir("/tmp"):
+        if name.startswith(("asyncgrad-frame", "asyncgrad-data")):
+            found.add(f"/tmp/{name}")
     return found

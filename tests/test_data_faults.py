@@ -73,7 +73,8 @@ async def taken(redis_client: aredis.Redis, stream: str, n: int) -> None:
 def nothing_left(dead: Listening, survivors: dict[int | str, list[int]], files: set[str]) -> None:
     """No listening socket of a dead process is left (its abstract unix name, its TCP
     port); each survivor holds exactly the memfds given (by inode, as `memfds`); no file
-    named asyncgrad appeared in /dev/shm or /tmp (`files`: those there before)."""
+    appeared in /dev/shm, nor one named as the data plane's in /tmp (`files`: those
+    there before)."""
     assert dead, "the dead process had no data plane sockets to look for"
     assert not dead & listening(), dead & listening()
     for pid, expected in survivors.items():

@@ -471,7 +471,9 @@ async def test_a_flood_of_forged_references_leaves_redis_bounded(
         async def all_dead_lettered() -> bool:
             return int(await redis_client.xlen(dead)) >= 200
 
-        await eventually(all_dead_lettered, "200 forged calls dead-lettered")
+        # 0.75 s alone; the bound is for a host busy with other work (over 5 s once, in the
+        # whole suite beside other sessions' suites on this 2-core host).
+        await eventually(all_dead_lettered, "200 forged calls dead-lettered", within=20)
         await echo_ok(client, "w", 10)
 
         async def drained() -> bool:
