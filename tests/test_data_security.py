@@ -125,7 +125,7 @@ async def test_a_request_without_a_valid_token_gets_unknown_and_nothing_else(
     The worker serves 8 MiB both ways after."""
     w = spawn_worker("w", *FUNCS)
     driver = spawn_worker("driver", *FUNCS)
-    client = await make_agent("client", failure_timeout=10.0)  # outlasts the freeze
+    client = await make_agent("client")
     sockets = data_sockets(w.pid)
     started, release = f"{namespace}:started", f"{namespace}:release"
     outcome = asyncio.ensure_future(
