@@ -215,11 +215,11 @@ class Agent:
             await self._transport.close()
             raise
         self._liveness.start()
-        data = self._transport.data.endpoints
+        data = self._transport.data
         logger.info(
             "event=agent_started agent=%s id=%d namespace=%s redis=%s data=%s",
             self.name, self.id, self.namespace, self._transport.address,
-            f"{data.host}:{data.port}" if data.port else self._transport.data.settings.mode,
+            data.endpoints.tcp_address or data.settings.mode,
         )  # fmt: skip
         return self
 

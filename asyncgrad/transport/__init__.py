@@ -147,11 +147,7 @@ class Transport:
             # opened (and logged) nothing else; the data plane before the registry entry.
             await self._writer.connect()
             await self.data.start()
-            if (port := self.data.endpoints.port) != 0:
-                host = self.data.endpoints.host
-                self._heartbeat.data_address = (
-                    f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-                )
+            self._heartbeat.data_address = self.data.endpoints.tcp_address
             await self._reader.start()
         except ReplyError as e:
             if e.code == "NOPERM":

@@ -225,13 +225,11 @@ class Reader:
             self._in_flight.add(entry_id)
             for frames in messages:
                 message = Inbound(frames, entry, redelivered)
-                if self._waiting or (self._data is not None and _refers(frames)):
-                    if not self._waiting and self._resolved_now(message):
-                        batch.append(message)  # its frames were offered: here already
-                    else:
-                        self._hold(message)
+                refers = self._data is not None and _refers(frames)
+                if not self._waiting and (not refers or self._resolved_now(message)):
+                    batch.append(message)  # nothing to fetch, or offered: here already
                 else:
-                    batch.append(message)
+                    self._hold(message, refers)
         if batch:
             self._deliver(batch)
 
@@ -255,10 +253,11 @@ class Reader:
             return True
         return done
 
-    def _hold(self, message: Inbound) -> None:
-        """Keep a message until it, and every message read before it, can be delivered."""
+    def _hold(self, message: Inbound, refers: bool) -> None:
+        """Keep a message until it, and every message read before it, can be delivered;
+        `refers`: it has frames to fetch."""
         task = None
-        if self._data is not None and _refers(message.frames):
+        if refers:
             task = asyncio.get_running_loop().create_task(self._fetch(message))
             task.add_done_callback(self._release)
         self._waiting.append((message, task))

@@ -63,14 +63,13 @@ _T = TypeVar("_T")
 class DataSettings:
     """`mode` "direct" uses the data plane, "redis" sends every frame through Redis;
     `host`/`port` is where the data port listens (None: the address this host reaches
-    Redis from; 0: any free port); `advertise` the host other agents connect to (None:
-    `$ASYNCGRAD_DATA_HOST`, else the address listened on)."""
+    Redis from; 0: any free port). Other agents connect to `$ASYNCGRAD_DATA_HOST` if set,
+    else to the address listened on."""
 
     mode: Mode = "direct"
     inline_limit: int = DEFAULT_INLINE_LIMIT
     host: str | None = None
     port: int = 0
-    advertise: str | None = None
     max_size: int = 512 * 1024 * 1024
 
     def __post_init__(self) -> None:
@@ -136,11 +135,10 @@ class DataPlane:
         unix = server.start_local()
         host, port = "", 0
         if tcp:
-            bind = self.settings.host or _facing(self._address)
-            bound_host, port = server.start_tcp(bind, self.settings.port)
-            host = self.settings.advertise or os.environ.get("ASYNCGRAD_DATA_HOST") or ""
-            if not host:
-                host = _facing(self._address) if bound_host in ("0.0.0.0", "::") else bound_host
+            facing = _facing(self._address)
+            bound_host, port = server.start_tcp(self.settings.host or facing, self.settings.port)
+            wildcard = bound_host in ("0.0.0.0", "::")
+            host = os.environ.get("ASYNCGRAD_DATA_HOST") or (facing if wildcard else bound_host)
         self.endpoints = Endpoints.here(self.name, unix, host, port, fingerprint)
         self._fetcher = Fetcher(
             self.endpoints, self.mappings, self.pushed, server.poll, client_tls, self._count_fetched
@@ -278,13 +276,13 @@ class DataPlane:
         if fetcher is None:
             return False
         try:
-            refs = [(i, Reference.decode(f)) for i, f in enumerate(frames) if type(f) is RefField]
+            refs, size = _references(frames)
         except CodecError:
             return False  # `resolve` says so
+        if size > self.settings.max_size:
+            return False  # `resolve` declines the frames and says so
         local = all(fetcher.path(ref) == "local" for _, ref in refs)
         if not local or not fetcher.offered([ref for _, ref in refs]):
-            return False
-        if sum(ref.size for _, ref in refs) > self.settings.max_size:
             return False
         for _, ref in refs:
             self._learn(ref, "local")
@@ -302,10 +300,7 @@ class DataPlane:
         """Replace, in place, each reference among `frames` by its frame. `TransferLost` if
         one cannot be had (its bytes never arrive); a `CodecError` (nothing fetched) for a
         malformed reference, or frames over `max_size` in all, as the codec would say."""
-        refs = [(i, Reference.decode(f)) for i, f in enumerate(frames) if type(f) is RefField]
-        size = sum(ref.size for _, ref in refs) + sum(
-            len(f) for f in frames if type(f) is not RefField
-        )
+        refs, size = _references(frames)
         if size > self.settings.max_size:
             for _, ref in refs:  # so that their senders stop holding them
                 decline = [b"q", ref.token, b"a", self.name, b"drop", b"1"]
@@ -428,6 +423,14 @@ class DataPlane:
 
     def _count_fetched(self, path: str) -> None:
         self.counts[f"fetched_{path}"] += 1
+
+
+def _references(frames: list[Any]) -> tuple[list[tuple[int, Reference]], int]:
+    """The references among `frames` (with where they stand), and the bytes the frames
+    come to once fetched; a `CodecError` for a malformed reference."""
+    refs = [(i, Reference.decode(f)) for i, f in enumerate(frames) if type(f) is RefField]
+    inline = sum(len(f) for f in frames if type(f) is not RefField)
+    return refs, inline + sum(ref.size for _, ref in refs)
 
 
 def _ignore(stored: asyncio.Future[Any]) -> None:

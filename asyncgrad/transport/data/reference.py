@@ -63,6 +63,13 @@ class Endpoints:
     def tls(self) -> bool:
         return bool(self.cert)
 
+    @property
+    def tcp_address(self) -> str:
+        """`HOST:PORT` of the TCP port (an IPv6 host in brackets), "" without one."""
+        if not self.port:
+            return ""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
     @classmethod
     def here(cls, agent: str, unix: bytes, host: str, port: int, cert: bytes) -> Endpoints:
         boot, net = _kernel()
