@@ -31,6 +31,11 @@ LAYER_OF = {
     "optimizers": "nn",
     "codec": "codec",
     "messages": "messages",
+    "tracing": "tracing",
+    "tracing.clock": "tracing",
+    "tracing.spans": "tracing",
+    "tracing.timeline": "tracing",
+    "tracing.picture": "tracing",
     "transport": "transport",
     "transport.resp": "transport",
     "transport.cluster": "transport",
@@ -104,7 +109,7 @@ LAYER_OF = {
     "__init__": "app",
 }
 
-_BELOW_AGENT = {"errors", "tensor", "nn", "codec", "messages", "transport", "rpc"}
+_BELOW_AGENT = {"errors", "tensor", "nn", "codec", "messages", "tracing", "transport", "rpc"}
 # layer -> the asyncgrad layers it may import
 ALLOWED = {
     "errors": set(),
@@ -112,9 +117,11 @@ ALLOWED = {
     "nn": {"errors", "tensor", "nn"},
     "codec": {"errors", "codec"},
     "messages": {"errors", "messages"},
-    "transport": {"errors", "transport"},
+    # Spans and their timeline: recorded by every layer above, knowing none of them.
+    "tracing": {"errors", "tracing"},
+    "transport": {"errors", "tracing", "transport"},
     # rpc carries tensors (and parameters) as values, but never touches the graph.
-    "rpc": {"errors", "codec", "messages", "transport", "tensor", "nn", "rpc"},
+    "rpc": {"errors", "codec", "messages", "tracing", "transport", "tensor", "nn", "rpc"},
     # dist_autograd sees the agent only through rpc's parts (rpc.current): the agent
     # imports dist_autograd to build its part.
     "dist_autograd": _BELOW_AGENT | {"dist_autograd"},
@@ -132,6 +139,7 @@ FORBIDDEN = {
     "nn": {"asyncio", "redis", "hiredis", "msgpack", "pickle"},
     "codec": {"asyncio", "redis", "hiredis", "pickle"},
     "messages": {"asyncio", "redis", "hiredis", "msgpack", "numpy", "pickle"},
+    "tracing": {"asyncio", "redis", "hiredis", "msgpack", "pickle"},
     "transport": {"numpy", "msgpack", "pickle"},
     "rpc": {"redis", "hiredis", "msgpack", "pickle"},
     "dist_autograd": {"redis", "hiredis", "msgpack", "pickle"},

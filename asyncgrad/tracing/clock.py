@@ -1,0 +1,60 @@
+"""`RedisClock`: one agent's estimate of the offset from its monotonic clock to Redis's.
+
+Each sample is one `TIME` round trip: the local clock before it was sent (`t0`), Redis's
+answer, the local clock once the answer was read (`t1`). Redis answered somewhere in
+`[t0, t1]`; taking the midpoint is wrong by at most half the round trip, and exactly by
+half the difference of the two directions' delays. So the estimate is the sample with the
+shortest round trip among the recent ones (a slow sample, one delayed by a busy GIL or a
+queue, carries a wide interval and loses), and its half round trip is a hard bound on the
+error, whatever the asymmetry. Recent only: the two clocks drift apart (NTP slews the
+wall clock Redis reads) by up to a few tens of microseconds per second.
+
+Written from the heartbeat's thread, read from the event loop's: the estimate is one
+tuple, replaced whole.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+
+__all__ = ["RedisClock"]
+
+_KEPT = 32  # samples the estimate picks from (one per heartbeat: ~25 s at the default)
+_RESOLUTION_NS = 1000  # TIME answers in microseconds
+
+
+class RedisClock:
+    """The offset from `time.monotonic_ns()` to Redis's clock (ns since the epoch)."""
+
+    def __init__(self) -> None:
+        self._samples: collections.deque[tuple[int, int]] = collections.deque(maxlen=_KEPT)
+        # (offset ns, error bound ns), or None before the first sample.
+        self._estimate: tuple[int, int] | None = None
+
+    def sample(self, t0_ns: int, redis_us: int, t1_ns: int) -> None:
+        """One `TIME` round trip: sent at local `t0_ns`, answered `redis_us`, read at `t1_ns`."""
+        half = max(t1_ns - t0_ns, 0) // 2
+        self._samples.append((half, redis_us * 1000 - (t0_ns + half)))
+        best_half, offset = min(self._samples)
+        self._estimate = (offset, best_half + _RESOLUTION_NS)
+
+    @property
+    def known(self) -> bool:
+        return self._estimate is not None
+
+    @property
+    def offset_ns(self) -> int:
+        """Redis's clock minus the local monotonic clock (0 before the first sample)."""
+        estimate = self._estimate
+        return 0 if estimate is None else estimate[0]
+
+    @property
+    def error_ns(self) -> int:
+        """A bound on how far `offset_ns` is from the truth (-1 before the first sample)."""
+        estimate = self._estimate
+        return -1 if estimate is None else estimate[1]
+
+    def redis_ns(self, local_ns: int | None = None) -> int:
+        """A local monotonic time (default: now) on Redis's clock."""
+        return (time.monotonic_ns() if local_ns is None else local_ns) + self.offset_ns

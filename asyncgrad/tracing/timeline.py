@@ -1,0 +1,179 @@
+"""Spans gathered from several agents → one Chrome/Perfetto trace (trace-event JSON).
+
+One process row per worker (its agent id as `pid`, its name as the row's title, rows in
+id order); within it, one thread lane per kind of span (`CATEGORIES`, in that order), and
+more lanes of a kind where its spans overlap without nesting (calls in flight together).
+Every span is a complete event (`"ph": "X"`), placed on Redis's clock (each worker's
+spans shifted by its own estimate of its offset) and counted in microseconds from the
+earliest span of the trace. A message is an arrow (flow events `s` → `f`) from the span
+that wrote it to Redis to the span that handled it on its receiver; the receiver's span
+says how long the message sat in Redis (`in_redis_us`).
+
+`events(dumps)` takes what each agent's `Spans.dump()` gave, with its agent `id`, and
+returns the list of events; `trace_file(events)` wraps it as the file Perfetto opens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from asyncgrad.tracing.spans import CATEGORIES
+
+__all__ = ["events", "span_events", "trace_file", "workers_of"]
+
+_ORDER = {cat: i for i, cat in enumerate(CATEGORIES)}
+
+
+class _Placed:
+    __slots__ = ("args", "cat", "context", "end", "message", "name", "open", "sent", "start")
+
+    def __init__(self, wire: list[Any], offset: int, now: int) -> None:
+        name, cat, start, end, context, message, sent, args = wire
+        self.name, self.cat, self.context = str(name), str(cat), int(context)
+        self.message, self.sent, self.args = int(message), list(sent), dict(args)
+        self.open = not end
+        self.start = int(start) + offset
+        self.end = max(int(now if self.open else end) + offset, self.start)
+
+
+def events(
+    dumps: Sequence[dict[str, Any]], missing: Iterable[tuple[str, int, str]] = ()
+) -> list[dict[str, Any]]:
+    """The trace events of the workers' dumps (each with `id`, its agent id); `missing`:
+    (name, id, why) of workers that gave none, shown as empty rows that say why."""
+    placed: list[tuple[dict[str, Any], list[_Placed]]] = []
+    for dump in sorted(dumps, key=lambda d: int(d["id"])):
+        offset, now = int(dump["offset_ns"]), int(dump["now"])
+        spans = [_Placed(wire, offset, now) for wire in dump["spans"]]
+        spans.sort(key=lambda s: (s.start, -s.end))
+        placed.append((dump, spans))
+    starts = [s.start for _, spans in placed for s in spans]
+    origin = min(starts) if starts else 0
+    out: list[dict[str, Any]] = []
+    # message id -> where its writer's span began, and when Redis had stored it
+    written: dict[int, tuple[int, int, float, int]] = {}
+    handled: list[tuple[int, int, int, _Placed]] = []
+    for dump, spans in placed:
+        pid, worker = int(dump["id"]), str(dump["worker"])
+        error_us = int(dump["error_ns"]) / 1000
+        clock = f"clock ±{error_us:.0f} µs" if error_us >= 0 else "clock not aligned"
+        out += _process(pid, worker, f"{worker} ({clock})")
+        lanes = _lanes(spans)
+        for lane, (cat, k) in enumerate(lanes.names, start=1):
+            title = cat if not k else f"{cat} {k + 1}"
+            out.append(_meta("thread_name", pid, {"name": title}, lane))
+            out.append(_meta("thread_sort_index", pid, {"sort_index": lane}, lane))
+        for span, lane in zip(spans, lanes.of, strict=True):
+            event = _complete(span, pid, lane, worker, origin)
+            out.append(event)
+            for message in span.sent:
+                written[message] = (pid, lane, event["ts"], span.end)
+            if span.message:
+                handled.append((pid, lane, span.message, span))
+    for pid, lane, message, span in handled:
+        source = written.get(message)
+        if source is None:
+            continue
+        flow = {"name": span.name.split(" ")[0], "cat": "message", "id": f"{message:#x}"}
+        out.append({**flow, "ph": "s", "pid": source[0], "tid": source[1], "ts": source[2]})
+        ts = (span.start - origin) / 1000
+        out.append({**flow, "ph": "f", "bp": "e", "pid": pid, "tid": lane, "ts": ts})
+    in_redis = {
+        (pid, message): max(span.start - written[message][3], 0) / 1000
+        for pid, _, message, span in handled
+        if message in written
+    }
+    for event in out:
+        key = (event.get("pid"), event.get("args", {}).get("_message"))
+        event.get("args", {}).pop("_message", None)
+        if key in in_redis:
+            event["args"]["in_redis_us"] = round(in_redis[key], 1)
+    for name, pid, why in missing:
+        out += _process(pid, name, f"{name} ({why})")
+    return out
+
+
+def span_events(trace: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The complete events (spans) of a trace, without its metadata and arrows."""
+    return [e for e in trace if e.get("ph") == "X"]
+
+
+def workers_of(trace: Iterable[dict[str, Any]]) -> dict[int, str]:
+    """pid → worker name, from a trace's metadata."""
+    return {
+        e["pid"]: e["args"]["worker"]
+        for e in trace
+        if e.get("ph") == "M" and e.get("name") == "process_name"
+    }
+
+
+def trace_file(trace: list[dict[str, Any]], **other: Any) -> dict[str, Any]:
+    """The JSON object of a trace file (`chrome://tracing`, ui.perfetto.dev)."""
+    return {"traceEvents": trace, "displayTimeUnit": "ms", "otherData": other}
+
+
+class _Lanes:
+    """Each span's lane: kinds in `CATEGORIES` order; within a kind, the first lane where
+    the span nests in, or comes after, what the lane holds (a trace viewer draws a lane
+    as properly nested slices)."""
+
+    def __init__(self) -> None:
+        self.names: list[tuple[str, int]] = []
+        self.of: list[int] = []
+
+
+def _lanes(spans: list[_Placed]) -> _Lanes:
+    stacks: dict[str, list[list[int]]] = {}
+    chosen: list[tuple[str, int]] = []
+    for span in spans:
+        lanes = stacks.setdefault(span.cat, [])
+        for k, stack in enumerate(lanes):
+            while stack and stack[-1] <= span.start:
+                stack.pop()
+            if not stack or span.end <= stack[-1]:
+                stack.append(span.end)
+                chosen.append((span.cat, k))
+                break
+        else:
+            lanes.append([span.end])
+            chosen.append((span.cat, len(lanes) - 1))
+    result = _Lanes()
+    order = sorted(stacks, key=lambda cat: (_ORDER.get(cat, len(_ORDER)), cat))
+    number: dict[tuple[str, int], int] = {}
+    for cat in order:
+        for k in range(len(stacks[cat])):
+            result.names.append((cat, k))
+            number[(cat, k)] = len(result.names)
+    result.of = [number[c] for c in chosen]
+    return result
+
+
+def _complete(span: _Placed, pid: int, lane: int, worker: str, origin: int) -> dict[str, Any]:
+    args: dict[str, Any] = {"worker": worker, "context_id": span.context or None, **span.args}
+    if span.message:
+        args["message_id"] = f"{span.message:#x}"
+        args["_message"] = span.message
+    if span.open:
+        args["unfinished"] = True
+    return {
+        "name": span.name + (" (unfinished)" if span.open else ""),
+        "cat": span.cat,
+        "ph": "X",
+        "ts": (span.start - origin) / 1000,
+        "dur": (span.end - span.start) / 1000,
+        "pid": pid,
+        "tid": lane,
+        "args": args,
+    }
+
+
+def _process(pid: int, worker: str, title: str) -> list[dict[str, Any]]:
+    return [
+        _meta("process_name", pid, {"name": title, "worker": worker}),
+        _meta("process_sort_index", pid, {"sort_index": pid}),
+    ]
+
+
+def _meta(name: str, pid: int, args: dict[str, Any], tid: int = 0) -> dict[str, Any]:
+    return {"name": name, "ph": "M", "pid": pid, "tid": tid, "args": args}
