@@ -165,6 +165,13 @@ class Call:
     # The wire fields that hold the caller's values, by the names the caller gave them.
     VALUE_FIELDS: ClassVar[dict[str, str]] = {"a": "args", "w": "kwargs"}
 
+    @property
+    def label(self) -> str:
+        """What it runs, in short (a timeline's name for it): `forward` for `mod:forward`."""
+        if self.target:
+            return self.method or "to_here"
+        return self.fn.rpartition(":")[2]
+
     def to_wire(self) -> dict[str, Any]:
         wire: dict[str, Any] = {"f": self.fn, "a": self.args}
         if self.kwargs:

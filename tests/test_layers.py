@@ -64,6 +64,7 @@ LAYER_OF = {
     "rpc.rref": "rpc",
     "rpc.seam": "rpc",
     "rpc.server": "rpc",
+    "rpc.traces": "rpc",
     "rpc.wire": "rpc",
     "dist_autograd": "dist_autograd",
     "dist_autograd.context": "dist_autograd",

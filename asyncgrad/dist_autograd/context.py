@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from asyncgrad.graph import Array
 from asyncgrad.tensor import Tensor
+from asyncgrad.tracing import Span
 
 from .nodes import RecvRpcBackward, SendRpcBackward
 
@@ -30,6 +31,7 @@ class Context:
     recvs: dict[tuple[str, int], RecvRpcBackward] = field(default_factory=dict)
     grads: dict[Tensor, Array] = field(default_factory=dict)
     touched: float = field(default_factory=time.monotonic)
+    span: Span | None = None  # on the agent that opened it: its span ("step"), until released
     # The latest pass's gradients, kept until the next pass so an abort can undo them.
     _latest: tuple[int, dict[Tensor, Array]] | None = None
 

@@ -57,6 +57,7 @@ class Contexts:
         self, wire: Wire, liveness: Liveness, *, rpc_timeout: float, failure_timeout: float
     ) -> None:
         self._wire = wire
+        self.spans = wire.spans
         self._liveness = liveness
         self._rpc_timeout = rpc_timeout
         self._failure_timeout = failure_timeout
@@ -80,6 +81,7 @@ class Contexts:
             raise ContextError(f"agent id {agent_id} does not fit the high 16 bits")
         ctx_id = (agent_id << 48) | (next(self._context_ids) & ((1 << 48) - 1))
         ctx = self.by_id[ctx_id] = Context(ctx_id)
+        ctx.span = self.spans.begin("context", "step", ctx_id)
         self._schedule_sweep()
         return ctx
 
@@ -104,6 +106,7 @@ class Contexts:
         ctx = self.by_id.pop(ctx_id, None)
         if ctx is None:
             return
+        self.spans.end(ctx.span, peers=len(ctx.peers))
         for work in self._passes.pop(ctx_id, {}).values():
             if work.running:
                 error = ContextError(f"context {ctx_id} was released during backward")

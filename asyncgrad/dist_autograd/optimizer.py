@@ -54,8 +54,11 @@ class _LocalOptimizer:
         """Apply the context's gradients unless that was done; whether it is done now."""
         if context_id in self._applied:
             return False
-        ctx = current_contexts().get(context_id)
+        contexts = current_contexts()
+        ctx = contexts.get(context_id)
+        span = contexts.spans.begin(f"{type(self.optimizer).__name__} step", "optim", context_id)
         self.optimizer.step({p: ctx.grads[p] for p in self.params if p in ctx.grads})
+        contexts.spans.end(span, params=len(self.params))
         self._applied[context_id] = None
         if len(self._applied) > _REMEMBERED:
             self._applied.popitem(last=False)
@@ -143,7 +146,17 @@ class DistributedOptimizer:
         It applies at most once per context and owner: after `OutcomeUnknown` or
         `RPCTimeout`, call it again with the same context to complete it where it is
         missing (owners that applied it already do nothing)."""
-        await asyncio.gather(*(self._step(owner, context_id) for owner in self.by_owner))
+        spans = current_contexts().spans
+        span = spans.begin(
+            "optimizer step", "optim", context_id, args={"owners": len(self.by_owner)}
+        )
+        try:
+            await asyncio.gather(*(self._step(owner, context_id) for owner in self.by_owner))
+        except BaseException as e:
+            spans.end(span, error=type(e).__name__)
+            raise
+        finally:
+            spans.end(span)
 
     async def _step(self, owner: str, context_id: int) -> None:
         local = self.remote_optimizers.get(owner)

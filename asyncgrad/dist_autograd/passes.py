@@ -12,6 +12,9 @@ gradients it sent are stored, and its children answered; so the caller's `backwa
 returns exactly when the whole graph has run. Any failure sends PASS_ABORT along every
 edge of the context; each worker drops the pass (and undoes its gradients) once.
 
+Its part is a span ("backward": from its start here to its DONE or abort), and each run of
+the local engine (from the roots, or from a gradient that arrived) one within it ("graph").
+
 A `Pass` exists here from the first message about it: before its start arrives it keeps
 what came early; after it ended it stays, so that a late start is answered and a late
 abort still undoes its gradients.
@@ -37,6 +40,7 @@ from asyncgrad.errors import (
 from asyncgrad.graph import Array, GraphTask, Node, nodes_of
 from asyncgrad.messages import AutogradRecord, Grad, PassAbort, PassDone, PassStart
 from asyncgrad.tensor import Tensor
+from asyncgrad.tracing import Span
 from asyncgrad.transport import InboxMissing
 
 from .context import Context
@@ -60,6 +64,8 @@ class Pass:
     def __init__(self, ctx: Context, pass_id: int, wire: Wire) -> None:
         self.ctx, self.id = ctx, pass_id
         self._wire = wire
+        self._spans = wire.spans
+        self._span: Span | None = None
         self.state = "waiting"
         self.parent: str | None = None
         self.retain = False
@@ -86,6 +92,9 @@ class Pass:
         ctx = self.ctx
         self.state, self.parent, self.retain = "running", parent, retain
         self.started = time.monotonic()
+        args = {"pass": self.id, "from": parent or "roots"}
+        self._span = self._spans.begin("backward", "backward", ctx.id, args=args)
+        run = self._spans.begin("graph", "backward", ctx.id)
         self._sends, self._recvs = dict(ctx.sends), dict(ctx.recvs)
         starts: list[Node] = [*nodes_of(edge for edge, _ in roots), *self._sends.values()]
         self._task = GraphTask(starts, retain_graph=retain, exit=self._ship)
@@ -97,6 +106,7 @@ class Pass:
             self._post(peer, PassStart(ctx.id, self.id, retain), counted=False)
         for edge, grad in roots:
             self._task.seed(edge, grad)
+        self._spans.end(run)
         early, self._early = self._early, []
         for sender, record in early:
             self._on(sender, record)
@@ -131,7 +141,9 @@ class Pass:
                 logger.debug("event=grad_ignored agent=%s from=%s", self._wire.name, sender)
                 return
             grads = record.grads
+            run = self._spans.begin("graph", "backward", self.ctx.id)
             self._task.feed(send, None if grads is None else send.check(grads))
+            self._spans.end(run, none=grads is None)
         self._check()
 
     def _ship(self, node: Node, grads: list[Any] | None) -> None:
@@ -195,6 +207,7 @@ class Pass:
                 ctx.recvs.pop(key, None)
         self._let_go()
         self.state = "done"
+        self._spans.end(self._span)
         if parent is not None:
             self._wire.post(parent, PassDone(ctx.id, self.id))
         if not self.result.done():
@@ -215,6 +228,7 @@ class Pass:
         if self.state == "aborted":
             return
         self.state = "aborted"
+        self._spans.end(self._span, error=type(error).__name__)
         self._let_go()
         self.ctx.undo(self.id)
         if not self.result.done():

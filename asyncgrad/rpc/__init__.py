@@ -29,6 +29,7 @@ __all__ = [
     "remote",
     "rpc_async",
     "shutdown",
+    "trace",
 ]
 
 
@@ -57,6 +58,14 @@ async def remote(
 async def get_worker_info(name: str | None = None) -> WorkerInfo:
     """`current_agent().get_worker_info(name)`."""
     return await current_agent().get_worker_info(name)
+
+
+async def trace(
+    context_id: int | None = None, timeout: float | None = None
+) -> list[dict[str, Any]]:
+    """`current_agent().trace(context_id)`: the recent spans of every live agent of the
+    namespace as Chrome/Perfetto trace events."""
+    return await current_agent().trace(context_id, timeout)
 
 
 async def shutdown(graceful: bool = True) -> None:

@@ -14,6 +14,8 @@ keeps only its lifecycle and the calling API. The parts, and what each is given:
     Contexts   (asyncgrad.dist_autograd)  distributed autograd: the seam's other side
     Calls      (calls.py)       the calls made: Wire, Liveness, References, the seam
     Server     (server.py)      the calls served: Wire, References, the seam
+    Spans      (asyncgrad.tracing)  what this agent did, and when: given to the Transport,
+                                which hands it on to the Wire, and through it to the rest
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ from asyncgrad.rpc.liveness import Liveness
 from asyncgrad.rpc.references import References, RRefTable
 from asyncgrad.rpc.rref import RRef
 from asyncgrad.rpc.server import Server
+from asyncgrad.rpc.traces import gather
 from asyncgrad.rpc.wire import MessageCodec, Wire
+from asyncgrad.tracing import Spans, tracing_enabled
 from asyncgrad.transport import (
     DEFAULT_INLINE_LIMIT,
     DEFAULT_URL,
@@ -99,6 +103,9 @@ class Agent:
     (`data_plane="redis"`: never); other agents fetch them from this one's data port,
     `data_host:data_port` (None: the address this host reaches Redis from; 0: any free
     port), advertised as `$ASYNCGRAD_DATA_HOST` if set (behind NAT, in a container).
+
+    With `trace` (the default, unless `$ASYNCGRAD_TRACE=0`) the agent keeps its recent
+    spans (README, "Tracing"); `trace()` gathers those of every live agent.
     """
 
     def __init__(
@@ -115,6 +122,7 @@ class Agent:
         data_plane: Literal["direct", "redis"] = "direct",
         data_host: str | None = None,
         data_port: int = 0,
+        trace: bool = True,
     ) -> None:
         self.name = name
         self.namespace = namespace
@@ -125,6 +133,7 @@ class Agent:
         settings = TransportSettings(
             heartbeat_ttl=failure_timeout * 0.6, heartbeat_interval=failure_timeout * 0.15
         )
+        self._spans = Spans(name, enabled=tracing_enabled(trace))
         # The transport calls back only once started, when every part below exists.
         self._transport = Transport(
             RedisAddress.from_url(self.redis_url),
@@ -137,6 +146,7 @@ class Agent:
             data=DataSettings(
                 data_plane, inline_limit, data_host, data_port, max_size=max_message_size
             ),
+            spans=self._spans,
         )
         self._lifecycle = Lifecycle(name)
         codec = MessageCodec(max_message_size, RRef, self._held_rref)
@@ -165,6 +175,7 @@ class Agent:
             self._lifecycle,
             self._serving_context,
             self._owned_rref,
+            self._dump_spans,
         )
         self._wire.route(
             {
@@ -404,6 +415,23 @@ class Agent:
         held here now, waiting for their receivers."""
         data = self._transport.data
         return {**data.counts, "held": len(data.held)}
+
+    async def trace(
+        self, context_id: int | None = None, timeout: float | None = None
+    ) -> list[dict[str, Any]]:
+        """The recent spans of every live agent of the namespace (this one included), as
+        Chrome/Perfetto trace events (README, "Tracing"); `context_id`: only that
+        distributed autograd context's. An agent that does not answer within `timeout`
+        (default: `failure_timeout`) shows as an empty row that says so."""
+        workers = [(w.name, w.id) for w in await self.workers()]
+        limit = self.failure_timeout if timeout is None else timeout
+        here = (self.name, self._dump_spans)
+        return await gather(self._calls, here, workers, context_id, limit)
+
+    def _dump_spans(self, context_id: int | None = None) -> dict[str, Any]:
+        if context_id is not None and (type(context_id) is not int):
+            raise TypeError(f"context_id is an int, not {type(context_id).__name__}")
+        return self._spans.dump(context_id)
 
     async def alive(self, names: list[str]) -> list[bool]:
         """Whether each named agent's heartbeat is current."""

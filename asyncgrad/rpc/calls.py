@@ -35,8 +35,9 @@ from asyncgrad.rpc.lifecycle import Lifecycle
 from asyncgrad.rpc.liveness import Liveness
 from asyncgrad.rpc.references import References
 from asyncgrad.rpc.seam import AutogradSeam
-from asyncgrad.rpc.server import UNANSWERED
+from asyncgrad.rpc.server import TRACE, UNANSWERED
 from asyncgrad.rpc.wire import Wire
+from asyncgrad.tracing import Span
 from asyncgrad.transport import Inbound, InboxMissing
 
 __all__ = ["Calls"]
@@ -95,12 +96,23 @@ class Calls:
         # One deadline for the whole call: the liveness check and the announcement of
         # passed-on RRefs wait for Redis too, and a caller's timeout bounds all of it.
         expires = asyncio.get_running_loop().time() + limit
+        spans = self._wire.spans
+        # Gathering a trace is not part of what it shows.
+        span = spans.begin(f"{call.label} → {to}", "call") if call.fn != TRACE else None
         try:
-            return await self._make_within(to, call, what, expires)
+            return await self._make_within(to, call, what, expires, span)
         except _Expired:
+            spans.end(span, error="RPCTimeout")
             raise RPCTimeout(f"{what} on {to!r} got no reply within {limit} s") from None
+        except BaseException as e:
+            spans.end(span, error=type(e).__name__)
+            raise
+        finally:
+            spans.end(span)
 
-    async def _make_within(self, to: str, call: Call, what: str, expires: float) -> Any:
+    async def _make_within(
+        self, to: str, call: Call, what: str, expires: float, span: Span | None
+    ) -> Any:
         if not self._liveness.seen_alive(to):
             try:
                 await _until(expires, self._liveness.ensure_alive(to))
@@ -112,6 +124,9 @@ class Calls:
         except UnencodableError as e:
             raise _in_arguments(e) from None
         record = self._autograd.outgoing(to, payload.tensors)
+        context = 0 if record is None else record.context
+        if span is not None:
+            span.context = context
         to_run = self._liveness.incarnation(to)
         now_ms = self._wire.transport.redis_now_ms()
         deadline = 0 if now_ms is None else int(now_ms + (expires - _now()) * 1000) + 1
@@ -126,7 +141,7 @@ class Calls:
             future = loop.create_future()
             self._pending[header_id] = _Pending(future, to, what, to_run)
             self._liveness.wanted.set()
-            stored = self._wire.send_call(to, frames)
+            stored = self._wire.send_call(to, frames, (context, header_id))
             sent = True
             stored.add_done_callback(functools.partial(self._on_stored, header_id))
             # A timer bounds the wait for the reply, not `asyncio.timeout`: every call

@@ -3,6 +3,7 @@ goes back to the caller as the reply.
 
 Exposed sync functions run on the event loop (keep them short or make them async and
 offload with `asyncio.to_thread`); async ones run as tasks the agent drains on shutdown.
+Each call served is a span ("serve"), from the start of its run until its reply leaves.
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ from asyncgrad.rpc.lifecycle import Lifecycle
 from asyncgrad.rpc.references import Passed, References
 from asyncgrad.rpc.seam import AutogradSeam
 from asyncgrad.rpc.wire import Wire
+from asyncgrad.tracing import Span
 from asyncgrad.transport import Inbound, ReplyError
 
-__all__ = ["UNANSWERED", "Server"]
+__all__ = ["TRACE", "UNANSWERED", "Server"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,13 +43,15 @@ logger = logging.getLogger(__name__)
 # A function every agent serves by itself: which calls from a caller it has not answered
 # yet (`Server.unanswered`). A caller asks it after Redis lost its inbox (`Calls.recheck`).
 UNANSWERED = "asyncgrad.unanswered"
+# Another: this agent's recent spans (`Spans.dump(context_id)`), for `Agent.trace`.
+TRACE = "asyncgrad.trace"
 
 
 class Server:
     """Runs the calls that arrive at one agent and sends their replies.
 
     Each call runs in a fresh `serving_context()`; `make_rref(value)` makes the RRef that
-    a call with `make_rref` returns.
+    a call with `make_rref` returns; `trace(context_id)` answers `TRACE`.
     """
 
     def __init__(
@@ -58,8 +62,10 @@ class Server:
         lifecycle: Lifecycle,
         serving_context: Callable[[], contextvars.Context],
         make_rref: Callable[[Any], Any],
+        trace: Callable[[int | None], dict[str, Any]],
     ) -> None:
         self._wire = wire
+        self._trace = trace
         self._references = references
         self._autograd = autograd
         self._lifecycle = lifecycle
@@ -116,6 +122,14 @@ class Server:
             self._wire.dead_letter(message, f"bad call: {e}")
             context.run(self._reply, header, Reply(error=("CodecError", str(e), "")))
             return
+        span = None
+        if call.fn != TRACE:  # gathering a trace is not part of what it shows
+            span = self._wire.spans.begin(
+                call.label,
+                "serve",
+                0 if header.context is None else header.context.context,
+                args={"caller": header.sender},
+            )
         try:
             if header.context is not None:
                 context.run(self._autograd.incoming, header.sender, header.context, tensors, True)
@@ -124,12 +138,14 @@ class Server:
         except Exception as e:
             context.run(self._reply_error, header, call, e)
             self._wire.done(message)
+            self._wire.spans.end(span, error=type(e).__name__)
             return
         if inspect.isawaitable(result):
-            self._lifecycle.spawn(self._finish(header, call, result, message), context)
+            self._lifecycle.spawn(self._finish(header, call, result, message, span), context)
         else:
             context.run(self._reply_result, header, call, result)
             self._wire.done(message)
+            self._wire.spans.end(span)
 
     def _refusal(self, header: Header, message: Inbound) -> Reply:
         """What a call for an earlier incarnation of this agent gets."""
@@ -155,20 +171,26 @@ class Server:
             self._autograd.incoming(header.sender, released, [], False)
         self._wire.done(message)
 
-    async def _finish(self, header: Header, call: Call, result: Any, message: Inbound) -> None:
+    async def _finish(
+        self, header: Header, call: Call, result: Any, message: Inbound, span: Span | None
+    ) -> None:
         try:
             value = await result
         except Exception as e:
             self._reply_error(header, call, e)
+            self._wire.spans.end(span, error=type(e).__name__)
         else:
             self._reply_result(header, call, value)
         finally:
             self._wire.done(message)
+            self._wire.spans.end(span)
 
     def _resolve(self, call: Call) -> Callable[..., Any]:
         if not call.target:
             if call.fn == UNANSWERED:
                 return self.unanswered
+            if call.fn == TRACE:
+                return self._trace
             return exposed.lookup(call.fn, self._wire.name)  # type: ignore[no-any-return]
         value = self._references.owned.get(call.target)
         if not call.method:
@@ -242,16 +264,19 @@ class Server:
     def _reply(self, header: Header, reply: Reply, first: bool = True) -> None:
         payload = self._wire.encode(reply.to_wire())
         record = self._autograd.outgoing(header.sender, payload.tensors)
-        _, frames = self._wire.frames(Kind.REPLY, payload, header.id, record)
+        reply_id, frames = self._wire.frames(Kind.REPLY, payload, header.id, record)
+        traced = (0 if record is None else record.context, reply_id)
         passed = self._references.take_passed(payload.rrefs, header.sender)
         if all(owner == self._wire.name for owner, _, _ in passed):
-            self._post(header, frames, first)
+            self._post(header, frames, traced, first)
             return
         # The result passes on RRefs owned elsewhere: their owners must count the caller
         # before the caller can release them.
-        self._lifecycle.spawn(self._send_after_forks(header, passed, frames))
+        self._lifecycle.spawn(self._send_after_forks(header, passed, frames, traced))
 
-    def _post(self, header: Header, frames: list[Any], first: bool = True) -> None:
+    def _post(
+        self, header: Header, frames: list[Any], traced: tuple[int, int], first: bool = True
+    ) -> None:
         """Post a reply. If Redis refuses it (OOM, NOPERM, too large), the caller gets an
         error reply with Redis's reason instead: nothing is lost in silence. Each of the
         two may take half the failure window (`resend_for`)."""
@@ -269,16 +294,20 @@ class Server:
                 self._unanswered.discard(key)
 
         try:
-            self._wire.post_frames(key[0], frames, over, resend_for=self._wire.resend_for / 2)
+            self._wire.post_frames(
+                key[0], frames, over, resend_for=self._wire.resend_for / 2, traced=traced
+            )
         except TransportError:
             self._unanswered.discard(key)
             raise
 
-    async def _send_after_forks(self, header: Header, passed: Passed, frames: list[Any]) -> None:
+    async def _send_after_forks(
+        self, header: Header, passed: Passed, frames: list[Any], traced: tuple[int, int]
+    ) -> None:
         try:
             await self._references.announce_forks(passed)
         except (RpcError, TransportError) as e:
             # The result cannot leave; the caller hears why instead of waiting in vain.
             self._reply(header, Reply(error=(type(e).__name__, str(e), "")))
             return
-        self._post(header, frames)
+        self._post(header, frames, traced)

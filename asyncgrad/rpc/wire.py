@@ -158,6 +158,7 @@ class _Posting:
     frames: list[Any]
     over: Callable[[BaseException | None], None] | None
     deadline: float
+    traced: tuple[int, int]
     delay: float = 0.05
 
 
@@ -170,6 +171,10 @@ class Wire:
     What arrives goes, by kind, to the handlers given to `route` (calls, replies, count
     updates, goodbyes: each decodes its own payload) or, as a checked record, to the
     autograd handler. A message read twice (resent after a reconnect) is handled once.
+
+    Each message handled is a span ("message": from its read to the end of its handler,
+    with its context), and each message sent names its context and id to the span of its
+    write, so that a timeline can draw it from one to the other.
     """
 
     def __init__(
@@ -180,6 +185,7 @@ class Wire:
         resend_for: float,
     ) -> None:
         self.transport = transport
+        self.spans = transport.spans
         self.name = transport.name
         self._codec = codec
         self._lifecycle = lifecycle
@@ -221,10 +227,11 @@ class Wire:
         header = Header(kind, message_id, self.name, reply_to, context, to_run, deadline)
         return message_id, [self._codec.encode_header(header), *payload.frames]
 
-    def send_call(self, dest: str, frames: list[Any]) -> Stored:
+    def send_call(self, dest: str, frames: list[Any], traced: tuple[int, int]) -> Stored:
         """Queue a call; the future resolves to its entry's id once Redis stored it. Its
-        entry holds only calls, so that `withdraw` takes nothing else."""
-        return self.transport.send(dest, frames, withdrawable=True)
+        entry holds only calls, so that `withdraw` takes nothing else. `traced`: its
+        (context, message id)."""
+        return self.transport.send(dest, frames, withdrawable=True, traced=traced)
 
     async def withdraw(self, dest: str, entry_id: bytes) -> bool:
         """Withdraw the calls of an entry unless `dest` took them: whether it did not."""
@@ -232,21 +239,23 @@ class Wire:
 
     def send(self, dest: str, record: OneWay) -> Stored:
         """Send a one-way record; the future resolves once Redis stored it."""
-        return self.transport.send(dest, self._one_way(record))
+        traced, frames = self._one_way(record)
+        return self.transport.send(dest, frames, traced=traced)
 
     def post(self, dest: str, record: OneWay) -> None:
         """`send`, for a record nobody waits for: a failure to store it is only logged."""
-        frames = self._one_way(record)
+        traced, frames = self._one_way(record)
         if record.kind in _RESENT:
-            self.post_frames(dest, frames)
+            self.post_frames(dest, frames, traced=traced)
         else:
-            self.transport.post(dest, frames)
+            self.transport.post(dest, frames, traced)
 
-    def _one_way(self, record: OneWay) -> list[Any]:
+    def _one_way(self, record: OneWay) -> tuple[tuple[int, int], list[Any]]:
         payload = self.encode(record.to_wire())
         if payload.rrefs:
             raise TypeError("RRefs cannot travel in one-way messages")
-        return self.frames(record.kind, payload)[1]
+        message_id, frames = self.frames(record.kind, payload)
+        return (getattr(record, "context", 0), message_id), frames
 
     def post_frames(
         self,
@@ -254,18 +263,20 @@ class Wire:
         frames: list[Any],
         over: Callable[[BaseException | None], None] | None = None,
         resend_for: float | None = None,
+        traced: tuple[int, int] = (0, 0),
     ) -> None:
         """Post; while `dest` has no inbox, or Redis refuses writes for want of memory,
         post again for up to `resend_for` seconds (default: the wire's): after a Redis
         restart lost every inbox,
         a live agent's comes back within a reconnect, and memory comes back as entries are
         acked. (The receiver drops a duplicate by its message id.) `over(error)` runs once
-        the message is stored (None) or given up (why)."""
+        the message is stored (None) or given up (why). `traced`: its (context, message id).
+        """
         limit = self.resend_for if resend_for is None else resend_for
-        self._repost(_Posting(dest, frames, over, time.monotonic() + limit))
+        self._repost(_Posting(dest, frames, over, time.monotonic() + limit, traced))
 
     def _repost(self, posting: _Posting) -> None:
-        stored = self.transport.send(posting.dest, posting.frames)
+        stored = self.transport.send(posting.dest, posting.frames, traced=posting.traced)
         stored.add_done_callback(functools.partial(self._posted, posting))
 
     def _posted(self, posting: _Posting, stored: Stored) -> None:
@@ -324,26 +335,43 @@ class Wire:
             self._recent[key] = None
             if len(self._recent) > _RECENT:
                 self._recent.popitem(last=False)
+            context = 0 if header.context is None else header.context.context
+            begun = time.monotonic_ns()
             try:
                 handler = self._handlers.get(header.kind)
                 if handler is not None:
                     handler(header, message)
                 else:
-                    self._receive_autograd(header, message)
+                    context = self._receive_autograd(header, message)
             except Exception as e:
                 # The one place a failure to handle a message ends: that message is
                 # dead-lettered alone, and the rest of the batch goes on.
                 logger.exception("event=handle_failed agent=%s kind=%s", self.name, header.kind)
                 self.dead_letter(message, f"failed to handle {header.kind.name}: {e!r}")
+            if self.spans.enabled:
+                self._handled(header, message, context, begun)
 
-    def _receive_autograd(self, header: Header, message: Inbound) -> None:
+    def _handled(self, header: Header, message: Inbound, context: int, begun: int) -> None:
+        """The message's span (its handling; `queued_us`: how long it waited for that since
+        it was read), and its context named on the span of its fetch."""
+        if message.fetched is not None:
+            message.fetched.context = context
+        name = f"{header.kind.name} ← {header.sender}"
+        queued = {"queued_us": (begun - message.read_ns) // 1000} if message.read_ns else None
+        self.spans.add(
+            name, "message", begun, time.monotonic_ns(), context, header.id, None, queued
+        )
+
+    def _receive_autograd(self, header: Header, message: Inbound) -> int:
+        """Hand the record to autograd; its context (0: none, or it did not decode)."""
         try:
             payload, _ = self.decode(message)
             record = AUTOGRAD_RECORDS[header.kind].from_wire(payload)
         except CodecError as e:
             self.dead_letter(message, f"bad {header.kind.name}: {e}")
-            return
+            return 0
         self.done(message)
         if self._autograd is None:
             raise RuntimeError("Wire.route was not called: autograd messages have no handler")
         self._autograd(header.sender, record)
+        return getattr(record, "context", 0)

@@ -7,7 +7,9 @@ Every span is a complete event (`"ph": "X"`), placed on Redis's clock (each work
 spans shifted by its own estimate of its offset) and counted in microseconds from the
 earliest span of the trace. A message is an arrow (flow events `s` → `f`) from the span
 that wrote it to Redis to the span that handled it on its receiver; the receiver's span
-says how long the message sat in Redis (`in_redis_us`).
+says how long the message took from its sender's queue to its handling (`transit_us`: the
+write to Redis, its time in the stream, the read, and its wait behind the messages read
+with it, `queued_us`).
 
 `events(dumps)` takes what each agent's `Spans.dump()` gave, with its agent `id`, and
 returns the list of events; `trace_file(events)` wraps it as the file Perfetto opens.
@@ -51,7 +53,7 @@ def events(
     starts = [s.start for _, spans in placed for s in spans]
     origin = min(starts) if starts else 0
     out: list[dict[str, Any]] = []
-    # message id -> where its writer's span began, and when Redis had stored it
+    # message id -> where its writer's span began (pid, lane, ts), and when (ns)
     written: dict[int, tuple[int, int, float, int]] = {}
     handled: list[tuple[int, int, int, _Placed]] = []
     for dump, spans in placed:
@@ -68,7 +70,7 @@ def events(
             event = _complete(span, pid, lane, worker, origin)
             out.append(event)
             for message in span.sent:
-                written[message] = (pid, lane, event["ts"], span.end)
+                written[message] = (pid, lane, event["ts"], span.start)
             if span.message:
                 handled.append((pid, lane, span.message, span))
     for pid, lane, message, span in handled:
@@ -79,16 +81,16 @@ def events(
         out.append({**flow, "ph": "s", "pid": source[0], "tid": source[1], "ts": source[2]})
         ts = (span.start - origin) / 1000
         out.append({**flow, "ph": "f", "bp": "e", "pid": pid, "tid": lane, "ts": ts})
-    in_redis = {
-        (pid, message): max(span.start - written[message][3], 0) / 1000
+    transit = {
+        (pid, message): (span.start - written[message][3]) / 1000
         for pid, _, message, span in handled
         if message in written
     }
     for event in out:
         key = (event.get("pid"), event.get("args", {}).get("_message"))
         event.get("args", {}).pop("_message", None)
-        if key in in_redis:
-            event["args"]["in_redis_us"] = round(in_redis[key], 1)
+        if key in transit:
+            event["args"]["transit_us"] = round(transit[key], 1)
     for name, pid, why in missing:
         out += _process(pid, name, f"{name} ({why})")
     return out

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from asyncgrad.errors import TransportError
+from asyncgrad.tracing import Spans
 from asyncgrad.transport.cluster import RedisLink, connect
 from asyncgrad.transport.connections import Endpoint, TransportSettings
 from asyncgrad.transport.data import DEFAULT_INLINE_LIMIT, DataPlane, DataSettings
@@ -87,7 +88,9 @@ class Transport:
     holds it. `open_contexts`, if given, is asked at every heartbeat (from the heartbeat's
     thread) for the number published as `contexts=N`, which `asyncgrad status` shows,
     as it shows `received=N`, the messages read from the inbox so far (`received`).
-    `on_inbox_lost` hears when Redis lost the inbox (see `Reader`).
+    `on_inbox_lost` hears when Redis lost the inbox (see `Reader`). `spans` records the
+    waits on Redis (each write until stored) and on the data path, and its clock learns
+    its offset to Redis's at every heartbeat.
     """
 
     def __init__(
@@ -100,6 +103,7 @@ class Transport:
         open_contexts: Callable[[], int] | None = None,
         on_inbox_lost: Callable[[], None] | None = None,
         data: DataSettings | None = None,
+        spans: Spans | None = None,
     ) -> None:
         self.address = address
         self.namespace = check_name("namespace", namespace)
@@ -108,7 +112,8 @@ class Transport:
         self.id = -1
         self.received = 0
         endpoint = Endpoint(address, namespace, name, self.settings)
-        self._writer = Writer(endpoint)
+        self.spans = spans or Spans(name, enabled=False)
+        self._writer = Writer(endpoint, self.spans)
         self.data = DataPlane(
             name,
             address,
@@ -130,9 +135,14 @@ class Transport:
             on_inbox_lost,
             self.data,
             self._on_data_entry,
+            self.spans,
         )
         self._heartbeat = Heartbeat(
-            endpoint, lambda: self.id, open_contexts or (lambda: 0), lambda: self.received
+            endpoint,
+            lambda: self.id,
+            open_contexts or (lambda: 0),
+            lambda: self.received,
+            self.spans.clock,
         )
         self._claimed = False
         self._closing = False  # close() began: no new sends, no more reading
@@ -236,10 +246,15 @@ class Transport:
     # *** messages ***
 
     def send(
-        self, dest: str, frames: list[bytes | memoryview], withdrawable: bool = False
+        self,
+        dest: str,
+        frames: list[bytes | memoryview],
+        withdrawable: bool = False,
+        traced: tuple[int, int] = (0, 0),
     ) -> Stored:
         """Queue a message for `dest`'s inbox; the future resolves to its stream entry's id
-        once Redis stored it (see `withdraw` for `withdrawable`).
+        once Redis stored it (see `withdraw` for `withdrawable`). `traced`: what the span of
+        its write records of it, (a context, a message id) as the layer above numbers them.
 
         It fails with `InboxMissing` if `dest` has no inbox (never started, or left). While
         the writer reconnects, the message waits and leaves once it is back (the layer above
@@ -248,7 +263,7 @@ class Transport:
         if self._closing:
             raise TransportError(f"the transport of agent {self.name!r} is closed")
         frames, tokens = self.data.outgoing(dest, frames)
-        stored = self._writer.send(dest, frames, withdrawable)
+        stored = self._writer.send(dest, frames, withdrawable, traced)
         if tokens:
             stored.add_done_callback(lambda s: self.data.stored(tokens, _outcome(s)))
         return stored
@@ -262,9 +277,11 @@ class Transport:
             self.data.withdrawn(dest, entry_id)
         return withdrawn
 
-    def post(self, dest: str, frames: list[bytes | memoryview]) -> None:
+    def post(
+        self, dest: str, frames: list[bytes | memoryview], traced: tuple[int, int] = (0, 0)
+    ) -> None:
         """`send`, for a message nobody waits for: a failure to store it is only logged."""
-        self.send(dest, frames).add_done_callback(_log_unstored)
+        self.send(dest, frames, traced=traced).add_done_callback(_log_unstored)
 
     def done(self, message: Inbound) -> None:
         """The message is handled; its entry is acked and deleted when all of it is."""

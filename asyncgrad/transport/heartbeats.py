@@ -15,6 +15,8 @@ Each beat also tells this agent about itself: Redis's clock (`redis_now_ms`, for
 deadlines every agent reads alike) and how long it has reached Redis without a gap
 (`reachable_for`): an agent that could not reach Redis (Redis stalled, failed over, or
 this process was frozen) cannot tell whether another agent's beats stopped, and says so.
+Each beat also times one `TIME` for the agent's trace clock (`RedisClock`): a few at
+start, then one per beat, from the heartbeat's thread and connection.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import time
 from collections.abc import Callable
 
 from asyncgrad.errors import AgentNameTaken, TransportError
+from asyncgrad.tracing import RedisClock
 from asyncgrad.transport.cluster import RedisLink, SyncRedisLink
 from asyncgrad.transport.connections import Endpoint
 from asyncgrad.transport.keys import SET_HEARTBEAT, heartbeat, seen
@@ -40,6 +43,7 @@ __all__ = ["Heartbeat", "heartbeat_fields"]
 logger = logging.getLogger(__name__)
 
 _CLAIM_ATTEMPTS = 3
+_CLOCK_SAMPLES_AT_START = 5
 
 
 def heartbeat_fields(value: bytes | None) -> dict[str, str]:
@@ -58,8 +62,10 @@ class Heartbeat:
         agent_id: Callable[[], int],
         open_contexts: Callable[[], int],
         received: Callable[[], int] = lambda: 0,
+        clock: RedisClock | None = None,
     ) -> None:
         self._endpoint = endpoint
+        self.clock = clock or RedisClock()
         self._agent_id = agent_id
         self._open_contexts = open_contexts
         self._received = received
@@ -139,6 +145,8 @@ class Heartbeat:
         # At start this agent has no gap to account for: it can tell at once.
         self._beat(conn, since=time.monotonic() - self._endpoint.settings.heartbeat_ttl)
         self.started_ms = int(self.redis_now_ms() or 0)
+        for _ in range(_CLOCK_SAMPLES_AT_START - 1):
+            self._time(conn)
         self._done = asyncio.get_running_loop().create_future()
         self._thread = threading.Thread(
             target=self._beat_forever,
@@ -172,7 +180,15 @@ class Heartbeat:
             gap = clock is None or now - clock[1] > self._max_gap
             since = now if gap or clock is None else clock[2]
         self._clock = (float(ms), now, since)
+        self._time(conn)
         return True
+
+    def _time(self, conn: SyncRedisLink) -> None:
+        """One sample of the offset to Redis's clock."""
+        t0 = time.monotonic_ns()
+        seconds, micros = conn.execute("TIME")
+        t1 = time.monotonic_ns()
+        self.clock.sample(t0, int(seconds) * 1_000_000 + int(micros), t1)
 
     def _beat_forever(self, conn: SyncRedisLink | None, done: asyncio.Future[None]) -> None:
         loop, name = done.get_loop(), self._endpoint.name

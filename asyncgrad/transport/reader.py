@@ -14,10 +14,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from asyncgrad.errors import CodecError, TransferLost
+from asyncgrad.tracing import Span, Spans
 from asyncgrad.transport.cluster import RedisLink
 from asyncgrad.transport.connections import Endpoint, Flapping
 from asyncgrad.transport.data import DataPlane, RefField
@@ -51,13 +53,19 @@ class Inbound:
     the entry was delivered to this name before (to this run before a reconnect, or to an
     earlier run of the agent) and never acked. `error`: why the frames that went by the
     data plane are not here (`TransferLost`, or a `CodecError` for a message over the size
-    limit or a malformed reference): the message cannot be decoded."""
+    limit or a malformed reference): the message cannot be decoded. `read_ns`: when it was
+    read (monotonic clock); `fetched`: the span of the wait for its frames, if it had any
+    to fetch (the layer above names the span's context once it decoded the header)."""
 
-    __slots__ = ("entry", "error", "frames", "redelivered")
+    __slots__ = ("entry", "error", "fetched", "frames", "read_ns", "redelivered")
 
-    def __init__(self, frames: list[Any], entry: _Entry, redelivered: bool = False) -> None:
+    def __init__(
+        self, frames: list[Any], entry: _Entry, redelivered: bool = False, read_ns: int = 0
+    ) -> None:
         self.frames, self.entry, self.redelivered = frames, entry, redelivered
+        self.read_ns = read_ns
         self.error: CodecError | None = None
+        self.fetched: Span | None = None
 
     @property
     def stored_ms(self) -> int:
@@ -83,9 +91,11 @@ class Reader:
         on_inbox_lost: Callable[[], None] | None = None,
         data: DataPlane | None = None,
         on_control: Callable[[list[bytes]], None] | None = None,
+        spans: Spans | None = None,
     ) -> None:
         self._endpoint = endpoint
         self._data = data
+        self._spans = spans or Spans(endpoint.name, enabled=False)
         self._on_control = on_control
         # Messages read behind one whose frames are being fetched: delivered in order.
         self._waiting: collections.deque[tuple[Inbound, asyncio.Task[None] | None]] = (
@@ -208,6 +218,7 @@ class Reader:
 
     def _receive(self, entries: list[list[Any]], redelivered: bool = False) -> None:
         batch: list[Inbound] = []
+        read_ns = time.monotonic_ns()
         for entry_id, fields in entries:
             if entry_id in self._in_flight:
                 continue  # re-read after a reconnect while the layer above still handles it
@@ -224,7 +235,7 @@ class Reader:
             entry = _Entry(entry_id, len(messages))
             self._in_flight.add(entry_id)
             for frames in messages:
-                message = Inbound(frames, entry, redelivered)
+                message = Inbound(frames, entry, redelivered, read_ns)
                 refers = self._data is not None and _refers(frames)
                 if not self._waiting and (not refers or self._resolved_now(message)):
                     batch.append(message)  # nothing to fetch, or offered: here already
@@ -264,9 +275,18 @@ class Reader:
 
     async def _fetch(self, message: Inbound) -> None:
         assert self._data is not None
+        span = message.fetched = self._spans.begin("fetch", "data")
+        before = self._data.counts.copy()
         try:
             await self._data.resolve(message.frames)
+            if span is not None:
+                counts = self._data.counts
+                # (Fetches running meanwhile may add to the counts: "path" can name theirs.)
+                paths = [k[8:] for k in counts if k[:8] == "fetched_" and counts[k] > before[k]]
+                size = sum(len(f) for f in message.frames[1:])
+                self._spans.end(span, bytes=size, path=",".join(paths) or "offered")
         except CodecError as e:
+            self._spans.end(span, error=str(e))
             message.error = e
             logger.warning(
                 "event=transfer_failed agent=%s entry=%s error=%s",
@@ -275,6 +295,8 @@ class Reader:
         except Exception as e:
             logger.exception("event=fetch_failed agent=%s", self._endpoint.name)
             message.error = TransferLost(f"fetching its frames failed: {e!r}")
+        finally:
+            self._spans.end(span)
 
     def _release(self, _: object = None) -> None:
         """Deliver the waiting messages that are ready, in the order they were read."""

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from asyncgrad.errors import TransportError
+from asyncgrad.tracing import Spans
 from asyncgrad.transport.cluster import RedisLink
 from asyncgrad.transport.connections import Endpoint, Flapping
 from asyncgrad.transport.data import RefField
@@ -43,6 +44,8 @@ _DEAD_LETTER_NAME_BYTES = 64
 
 
 Stored = asyncio.Future[bytes]  # resolves to a message's stream entry id once stored
+# A message queued: its frames, its future, and what the trace records of it.
+_Queued = tuple[list[bytes | memoryview], Stored, tuple[int, int]]
 
 
 class InboxMissing(TransportError):
@@ -54,17 +57,22 @@ class Writer:
 
     While a batch just read is handled, `via` is the reader connection: it is idle until
     its next XREADGROUP, so what the handlers write goes ahead of that, in the same write.
+
+    Each entry written is a span of `spans` ("redis"): from the first of its messages
+    queued to Redis's answer, with the ids of the messages it holds.
     """
 
-    def __init__(self, endpoint: Endpoint) -> None:
+    def __init__(self, endpoint: Endpoint, spans: Spans) -> None:
         self._endpoint = endpoint
+        self._spans = spans
         self._inbox = inbox(endpoint.namespace, endpoint.name)
         self.conn: RedisLink | None = None
         self.via: RedisLink | None = None
         self.closed = False  # gave up on the writer: no more resends
         self.reconnected_at = -math.inf  # time.monotonic() of the latest reconnection
         # Per (destination, withdrawable): the messages queued this tick, and their futures.
-        self._outbox: dict[tuple[str, bool], list[tuple[list[bytes | memoryview], Stored]]] = {}
+        self._outbox: dict[tuple[str, bool], list[_Queued]] = {}
+        self._queued_ns = 0  # when the first message of this tick was queued
         self._acks: list[bytes] = []
         self._backlog: list[tuple[tuple[Arg, ...], Callable[[Any], None] | None]] = []
         self._flush_handle: asyncio.Handle | None = None
@@ -95,13 +103,19 @@ class Writer:
     # *** what goes out ***
 
     def send(
-        self, dest: str, frames: list[bytes | memoryview], withdrawable: bool = False
+        self,
+        dest: str,
+        frames: list[bytes | memoryview],
+        withdrawable: bool = False,
+        traced: tuple[int, int] = (0, 0),
     ) -> Stored:
         """Queue a message for `dest`'s inbox; the future resolves to the id of its stream
         entry once Redis stored it. A `withdrawable` message shares its entry only with
         other withdrawable ones: withdrawing the entry takes nothing else with it."""
         future: Stored = asyncio.get_running_loop().create_future()
-        self._outbox.setdefault((dest, withdrawable), []).append((frames, future))
+        if not self._outbox:
+            self._queued_ns = time.monotonic_ns()
+        self._outbox.setdefault((dest, withdrawable), []).append((frames, future, traced))
         self._schedule_flush()
         return future
 
@@ -158,11 +172,14 @@ class Writer:
                 batch = queued[start : start + _MAX_PER_ENTRY]
                 stream = inbox(self._endpoint.namespace, dest)
                 args: list[Arg] = ["XADD", stream, "NOMKSTREAM", "*"]
-                for frames, _ in batch:
+                for frames, _, _ in batch:
                     args += [b"m", frames[0]]
                     for frame in frames[1:]:
                         args += [b"r" if type(frame) is RefField else b"f", frame]
-                self._write(tuple(args), self._stored(dest, [f for _, f in batch]))
+                on_reply = self._stored(dest, [f for _, f, _ in batch])
+                if self._spans.enabled:
+                    on_reply = self._timed(dest, batch, on_reply)
+                self._write(tuple(args), on_reply)
         if self._acks:
             ids, self._acks = self._acks, []
             self._write(("XACK", self._inbox, GROUP, *ids), self._log_failure)
@@ -187,6 +204,26 @@ class Writer:
                         future.set_exception(error)
 
         return on_reply
+
+    def _timed(
+        self, dest: str, batch: list[_Queued], on_reply: Callable[[Any], None]
+    ) -> Callable[[Any], None]:
+        """`on_reply`, recording the entry's span first."""
+        start, spans = self._queued_ns, self._spans
+        sent = [traced[1] for _, _, traced in batch]
+        contexts = sorted({traced[0] for _, _, traced in batch} - {0})
+        context = contexts[0] if len(contexts) == 1 else 0
+        args: dict[str, Any] = {"to": dest, "messages": len(sent)}
+        if len(contexts) > 1:
+            args["contexts"] = contexts
+
+        def timed(reply: Any) -> None:
+            if isinstance(reply, Exception):
+                args["error"] = str(reply)
+            spans.add(f"XADD → {dest}", "redis", start, time.monotonic_ns(), context, 0, sent, args)
+            on_reply(reply)
+
+        return timed
 
     def _write(self, args: tuple[Arg, ...], on_reply: Callable[[Any], None] | None) -> None:
         """Send a command; if the connection drops first, send it again after reconnecting.
