@@ -143,6 +143,32 @@ def _parser() -> argparse.ArgumentParser:
         help="list a crashed agent this long after it was last seen (default 300)",
     )  # fmt: skip
 
+    trace = command(
+        "trace", _trace,
+        "gather the recent spans of a namespace's live workers: a Chrome/Perfetto trace file",
+    )  # fmt: skip
+    trace.set_defaults(lifecycle_logs=False)
+    _connection_options(trace)
+    trace.add_argument(
+        "--out", default=None, metavar="PATH",
+        help="the trace-event JSON file (default: trace.json, unless only --png is given)",
+    )  # fmt: skip
+    trace.add_argument(
+        "--png", default=None, metavar="PATH", help="also draw the timeline as a PNG picture"
+    )
+    trace.add_argument(
+        "--context", type=_context_id, default=None, metavar="ID",
+        help="only this distributed autograd context's spans (decimal or 0x hex)",
+    )  # fmt: skip
+    trace.add_argument(
+        "--steps", type=_positive_int, default=None, metavar="N",
+        help="only the last N steps (distributed autograd contexts) and what ran meanwhile",
+    )  # fmt: skip
+    trace.add_argument(
+        "--timeout", type=_positive, default=5.0, metavar="SECONDS",
+        help="how long to wait for each worker's spans (default 5)",
+    )  # fmt: skip
+
     demo = command("demo", _demo, "train an MLP: a parameter server and two trainers")
     demo.set_defaults(lifecycle_logs=False)
     demo.add_argument("--redis", metavar="URL", help="use this Redis (default: an embedded one)")
@@ -150,6 +176,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--steps", type=_positive_int, default=300, help="steps per trainer (default 300)"
     )
+    demo.add_argument(
+        "--trace", default=None, metavar="PATH",
+        help="write the last steps' trace there (JSON; a picture if PATH ends .png)",
+    )  # fmt: skip
 
     bench = command(
         "bench", _bench, "the benchmark workloads of docs/BENCH.md; --against torch: PyTorch's too"
@@ -182,6 +212,13 @@ def _bytes(text: str) -> int:
     if not text.strip().isdigit():
         raise argparse.ArgumentTypeError(f"must be a number of bytes, not {text!r}")
     return int(text)
+
+
+def _context_id(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a context id: {text!r}") from None
 
 
 def _port(text: str) -> int:
@@ -319,7 +356,25 @@ def _demo(args: argparse.Namespace) -> int:
 
     if args.redis:
         _redis_url(args)
-    return run_demo(args.redis, args.namespace, args.steps)
+    return run_demo(args.redis, args.namespace, args.steps, args.trace)
+
+
+def _trace(args: argparse.Namespace) -> int:
+    from asyncgrad import tracefile
+    from asyncgrad.tracing import timeline
+    from asyncgrad.worker import run_loop
+
+    url = _redis_url(args)
+    trace = run_loop(tracefile.collect(url, args.namespace, args.context, args.timeout))
+    if not any(e.get("ph") == "M" for e in trace):
+        raise RuntimeError(f"no live agents in {_where(args, url)}")
+    if args.steps is not None:
+        trace = timeline.window(trace, args.steps)
+    paths = [p for p in (args.out or (None if args.png else "trace.json"), args.png) if p]
+    for path in paths:
+        timeline.save(trace, path, namespace=args.namespace, context_id=args.context)
+    tracefile.report(trace, paths)
+    return 0
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -114,13 +114,18 @@ def _name_of(job: Job) -> str:
     return f"{getattr(job, '__module__', '?')}:{getattr(job, '__qualname__', '?')}"
 
 
-def run_demo(redis_url: str | None, namespace: str | None, steps: int) -> int:
+def run_demo(
+    redis_url: str | None, namespace: str | None, steps: int, trace: str | None = None
+) -> int:
     """The whole main job on an embedded Redis, or on `redis_url`, where it leaves no key
-    once it ends: it started every agent of its namespace (a fresh one by default)."""
+    once it ends: it started every agent of its namespace (a fresh one by default).
+    `trace`: where to write the trace of its last steps."""
     from asyncgrad.workloads import demo
 
     namespace = namespace or f"demo-{uuid.uuid4().hex[:8]}"
-    code = run_job(demo.main, redis_url, namespace, "job", DEMO_WORKERS, steps=steps)
+    code = run_job(
+        demo.main, redis_url, namespace, "job", DEMO_WORKERS, steps=steps, trace_to=trace
+    )
     if redis_url is not None:
         # Messages that reached a worker while it closed (releases, goodbyes) kept its
         # inbox: nobody reads them now.

@@ -90,6 +90,7 @@ LAYER_OF = {
     "bench.local": "app",
     "local_cluster": "app",
     "job": "app",
+    "tracefile": "app",
     "bench.options": "app",
     "bench.rpc": "app",
     "bench.autograd": "app",

@@ -12,17 +12,21 @@ write to Redis, its time in the stream, the read, and its wait behind the messag
 with it, `queued_us`).
 
 `events(dumps)` takes what each agent's `Spans.dump()` gave, with its agent `id`, and
-returns the list of events; `trace_file(events)` wraps it as the file Perfetto opens.
+returns the list of events; `window` keeps the last steps of a trace; `save` writes it as
+the file Perfetto opens (or, to a `.png` path, as a picture).
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 from asyncgrad.tracing.spans import CATEGORIES
 
-__all__ = ["events", "span_events", "trace_file", "workers_of"]
+__all__ = ["events", "save", "span_events", "trace_file", "window", "workers_of"]
 
 _ORDER = {cat: i for i, cat in enumerate(CATEGORIES)}
 
@@ -113,6 +117,39 @@ def workers_of(trace: Iterable[dict[str, Any]]) -> dict[int, str]:
 def trace_file(trace: list[dict[str, Any]], **other: Any) -> dict[str, Any]:
     """The JSON object of a trace file (`chrome://tracing`, ui.perfetto.dev)."""
     return {"traceEvents": trace, "displayTimeUnit": "ms", "otherData": other}
+
+
+def save(trace: list[dict[str, Any]], path: str | os.PathLike[str], **other: Any) -> None:
+    """Write the trace to `path`: a trace-event JSON file, or a picture if it ends `.png`
+    (needs matplotlib: `pip install 'asyncgrad[png]'`); `other`: the file's `otherData`."""
+    if str(path).lower().endswith(".png"):
+        from asyncgrad.tracing import picture
+
+        picture.draw(trace, path, title=other.get("title"))
+        return
+    Path(path).write_text(json.dumps(trace_file(trace, **other)))
+
+
+def window(trace: list[dict[str, Any]], steps: int) -> list[dict[str, Any]]:
+    """The last `steps` steps of a trace: from the start of the latest `steps` contexts
+    (their "step" spans) to the end of the last, with every span and message of any worker
+    that overlaps that time, counted from its start. A trace without steps is kept whole."""
+    spans = [e for e in trace if e.get("ph") == "X"]
+    last = sorted((e for e in spans if e["cat"] == "step"), key=lambda e: e["ts"])[-steps:]
+    if not last or steps <= 0:
+        return trace
+    low = min(e["ts"] for e in last)
+    high = max(e["ts"] + e["dur"] for e in last)
+    kept = [e for e in spans if e["ts"] < high and e["ts"] + e["dur"] > low]
+    origin = min(e["ts"] for e in kept)
+    out = [e for e in trace if e.get("ph") == "M"]
+    flows = [e for e in trace if e.get("ph") in ("s", "f") and low <= e["ts"] <= high]
+    ends: dict[str, set[str]] = {}
+    for e in flows:
+        ends.setdefault(e["id"], set()).add(e["ph"])
+    for e in [*kept, *(f for f in flows if ends[f["id"]] == {"s", "f"})]:
+        out.append({**e, "ts": e["ts"] - origin})
+    return out
 
 
 class _Lanes:

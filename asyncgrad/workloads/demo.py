@@ -34,12 +34,14 @@ from asyncgrad import errors as rpc_errors
 from asyncgrad.graph import Array
 from asyncgrad.nn import functional as F
 from asyncgrad.tensor import Tensor, tensor
+from asyncgrad.tracing import timeline
 from asyncgrad.transport import DEFAULT_URL, RedisAddress, live_namespaces
 from asyncgrad.workloads.param_server import ParameterServer, mlp
 
 SIZES = (784, 256, 10)
 BATCH = 64
 TEACHER_SEED = 4242
+TRACED_STEPS = 4  # `asyncgrad demo --trace`: the last steps written (two per trainer)
 REPORT_EVERY = 10
 
 
@@ -169,8 +171,10 @@ async def main(
     steps: int = 300,
     lr: float = 0.05,
     console: Console | None = None,
+    trace_to: str | None = None,
 ) -> int:
-    """Train on the `ps` worker with `trainers`; print final loss and held-out accuracy."""
+    """Train on the `ps` worker with `trainers`; print final loss and held-out accuracy;
+    `trace_to`: write the trace of the last steps there (a picture if it ends `.png`)."""
     console = console or Console()
     await wait_for_workers(agent, ["ps", *trainers])
     ps = await agent.remote("ps", ParameterServer, args=(SIZES, 0))
@@ -199,6 +203,10 @@ async def main(
     finally:
         _DISPLAYS.pop(agent.name, None)
     elapsed = time.perf_counter() - started
+    if trace_to is not None:
+        traced = timeline.window(await agent.trace(), TRACED_STEPS)
+        timeline.save(traced, trace_to, title=f"asyncgrad demo: the last {TRACED_STEPS} steps")
+        console.print(f"trace of the last {TRACED_STEPS} steps: {trace_to}")
     after = accuracy(await ps.rpc_async().state_dict(), x_test, y_test)
     total = steps * len(trainers)
     for name, result in zip(trainers, results, strict=True):
