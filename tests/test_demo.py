@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -23,12 +24,20 @@ def asyncgrad(*args: str) -> list[str]:
 
 
 @pytest.mark.timeout(60)
-def test_demo_trains_and_exits_0() -> None:
+def test_demo_trains_and_exits_0(tmp_path: Path) -> None:
+    trace = tmp_path / "demo.json"
     done = subprocess.run(
-        asyncgrad("demo", "--steps", "150"), capture_output=True, text=True, timeout=55, cwd=ROOT
-    )
+        asyncgrad("demo", "--steps", "150", "--trace", str(trace)),
+        capture_output=True, text=True, timeout=55, cwd=ROOT,
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr
     out = done.stdout
+    # Its last steps' trace: the trainers' steps, and the parameter server's work in them.
+    events = json.loads(trace.read_text())["traceEvents"]
+    spans = [e for e in events if e["ph"] == "X"]
+    steps = {e["args"]["worker"] for e in spans if e["cat"] == "step"}
+    assert steps == {"trainer1", "trainer2"}
+    assert {e["cat"] for e in spans if e["args"]["worker"] == "ps"} >= {"serve", "backward"}
     assert "held-out accuracy" in out
     # The loss fell for both trainers, and the model learned something.
     for trainer in ("trainer1", "trainer2"):

@@ -64,7 +64,7 @@ def events(
         pid, worker = int(dump["id"]), str(dump["worker"])
         error_us = int(dump["error_ns"]) / 1000
         clock = f"clock ±{error_us:.0f} µs" if error_us >= 0 else "clock not aligned"
-        out += _process(pid, worker, f"{worker} ({clock})")
+        out += _process(pid, worker, f"{worker} ({clock})", error_us)
         lanes = _lanes(spans)
         for lane, (cat, k) in enumerate(lanes.names, start=1):
             title = cat if not k else f"{cat} {k + 1}"
@@ -207,9 +207,14 @@ def _complete(span: _Placed, pid: int, lane: int, worker: str, origin: int) -> d
     }
 
 
-def _process(pid: int, worker: str, title: str) -> list[dict[str, Any]]:
+def _process(
+    pid: int, worker: str, title: str, error_us: float | None = None
+) -> list[dict[str, Any]]:
+    """A worker's row: its title, and how far its spans may be off on the common clock
+    (`clock_error_us`: None when it gave none, -1 when it could not tell)."""
+    args = {"name": title, "worker": worker, "clock_error_us": error_us}
     return [
-        _meta("process_name", pid, {"name": title, "worker": worker}),
+        _meta("process_name", pid, args),
         _meta("process_sort_index", pid, {"sort_index": pid}),
     ]
 
