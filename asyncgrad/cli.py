@@ -165,6 +165,10 @@ def _parser() -> argparse.ArgumentParser:
         help="only the last N steps (distributed autograd contexts) and what ran meanwhile",
     )  # fmt: skip
     trace.add_argument(
+        "--summary", action="store_true",
+        help="also print where each worker's time went, per step (README, 'Tracing')",
+    )  # fmt: skip
+    trace.add_argument(
         "--timeout", type=_positive, default=5.0, metavar="SECONDS",
         help="how long to wait for each worker's spans (default 5)",
     )  # fmt: skip
@@ -374,6 +378,10 @@ def _trace(args: argparse.Namespace) -> int:
     for path in paths:
         timeline.save(trace, path, namespace=args.namespace, context_id=args.context)
     tracefile.report(trace, paths)
+    if args.summary:
+        from asyncgrad.tracing import breakdown
+
+        print(breakdown.table(trace))
     return 0
 
 

@@ -32,6 +32,7 @@ LAYER_OF = {
     "codec": "codec",
     "messages": "messages",
     "tracing": "tracing",
+    "tracing.breakdown": "tracing",
     "tracing.clock": "tracing",
     "tracing.spans": "tracing",
     "tracing.timeline": "tracing",

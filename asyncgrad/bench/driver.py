@@ -7,6 +7,7 @@ the driver, each worker and Redis, so a workload can say where its time went.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -18,6 +19,7 @@ from typing import Any, Self
 from asyncgrad.bench.options import Options
 from asyncgrad.local_cluster import LocalCluster
 from asyncgrad.rpc import Agent
+from asyncgrad.tracing import breakdown, timeline
 from asyncgrad.transport.resp import Connection, RedisAddress
 from asyncgrad.worker import run_loop
 
@@ -66,10 +68,27 @@ def _in_cluster(
 
         async def main() -> dict[str, Any]:
             async with Agent("driver", cluster.redis_url, cluster.namespace) as agent:
-                return await body(cluster, agent)
+                result = await body(cluster, agent)
+                if options.trace is not None:
+                    await _save_last_step(agent, options.trace)
+                return result
 
         result: dict[str, Any] = run_loop(main())
         return result
+
+
+async def _save_last_step(agent: Agent, path: Path) -> None:
+    """The timeline of the workload's last step (if it has steps): `path`.json, and
+    `path`.png where matplotlib is installed; where the time of its last 50 steps went:
+    `path`.txt."""
+    trace = await agent.trace()
+    last = timeline.window(trace, 1)
+    if not any(e.get("cat") == "step" for e in last):
+        return
+    path.with_suffix(".txt").write_text(breakdown.table(timeline.window(trace, 50)) + "\n")
+    timeline.save(last, path.with_suffix(".json"))
+    if importlib.util.find_spec("matplotlib") is not None:
+        timeline.save(last, path.with_suffix(".png"), title=f"{path.name}: one step")
 
 
 @dataclass(frozen=True)

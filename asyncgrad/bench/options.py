@@ -41,7 +41,8 @@ class Progress:
 class Options:
     """`quick`: about 10x fewer iterations; `redis_url`: None starts an embedded Redis;
     `soak_steps`: the soak's length, if not its default; `failure_timeout`: the soak's
-    agents' (its workers' and its driver's); `progress`: where to say what runs."""
+    agents' (its workers' and its driver's); `progress`: where to say what runs; `trace`:
+    where the trace of a workload's last step goes (`PATH.json`, and `PATH.png`)."""
 
     quick: bool = False
     redis_url: str | None = None
@@ -49,6 +50,7 @@ class Options:
     soak_steps: int | None = None
     failure_timeout: float = 5.0
     progress: Progress = field(default_factory=Progress)
+    trace: Path | None = None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,6 +84,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --soak: the agents' failure timeout (default 5)",
     )  # fmt: skip
     parser.add_argument("--scale", action="store_true", help="B2 at 1-8 workers, B4 at 2-8 instead")
+    parser.add_argument(
+        "--trace", type=Path, metavar="DIR",
+        help="write the timeline of the last step of each workload that has steps (B4, "
+        "B5) to DIR/NAME.json and, with matplotlib, DIR/NAME.png",
+    )  # fmt: skip
 
 
 def check(args: argparse.Namespace) -> None:

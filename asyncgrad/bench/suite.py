@@ -95,6 +95,7 @@ def run_command(args: argparse.Namespace) -> int:
         soak_steps=args.soak_steps,
         failure_timeout=args.failure_timeout,
         progress=Progress(interactive=terminal or sys.stderr.isatty()),
+        trace=args.trace,
     )
     if args.namespace:
         options = dataclasses.replace(options, namespace=args.namespace)
@@ -176,6 +177,9 @@ def _sides_of(name: str, sides: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def _run_ours(name: str, workload: Workload, options: Options) -> dict[str, Any]:
+    if options.trace is not None:
+        options.trace.mkdir(parents=True, exist_ok=True)
+        options = dataclasses.replace(options, trace=options.trace / name)
     t0 = time.perf_counter()
     try:
         record: dict[str, Any] = {"name": name, "ok": True, **workload(options)}
