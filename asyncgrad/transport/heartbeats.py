@@ -125,7 +125,14 @@ class Heartbeat:
         )
 
     def redis_now_ms(self) -> float | None:
-        """Redis's clock now, in ms, as of the latest beat (None before the first)."""
+        """Redis's clock now, in ms (None before the first beat).
+
+        From the `TIME` samples with the shortest round trip, not from the latest beat: a
+        beat's answer read late (this process frozen, or descheduled, between Redis's
+        answer and its reading) would put Redis's clock behind by that delay, and a call
+        past its deadline would look on time."""
+        if self.clock.known:
+            return self.clock.redis_ns() / 1e6
         clock = self._clock
         if clock is None:
             return None
