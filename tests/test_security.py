@@ -367,7 +367,7 @@ def test_security_md_lists_every_name_a_worker_exposes_by_itself() -> None:
     # A fresh interpreter: only what importing asyncgrad (as every worker does) exposes.
     probe = (
         "import asyncgrad; from asyncgrad.rpc import exposed; from asyncgrad.rpc.server "
-        "import UNANSWERED; print(*exposed.names(), UNANSWERED)"
+        "import TRACE, UNANSWERED; print(*exposed.names(), UNANSWERED, TRACE)"
     )
     out = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT
