@@ -263,6 +263,20 @@ def test_instant_and_open_spans(tmp_path: Path) -> None:
     assert png_size(path)[0] > 1000
 
 
+def test_a_worker_without_a_clock_estimate_stays_beside_the_others() -> None:
+    # Before its first TIME sample an agent dumps offset 0, error -1: its spans are on its
+    # bare monotonic clock, decades from the others'. They stay within the trace.
+    aligned, fresh = Agent(1, "aligned"), Agent(2, "fresh", error_ns=-1)
+    aligned.span("x", "call", 0, 1000)
+    fresh.span("y", "call", 500, 1000)
+    dumps = [aligned.dump(2000), {**fresh.dump(2000), "offset_ns": 0}]  # dumped together
+    spans = {e["pid"]: e for e in events(dumps) if e["ph"] == "X"}
+    assert (spans[1]["ts"], spans[1]["dur"]) == (0.0, 1000.0)
+    assert (spans[2]["ts"], spans[2]["dur"]) == (500.0, 500.0)
+    titles = [e["args"]["name"] for e in events(dumps) if e.get("name") == "process_name"]
+    assert titles == ["aligned (clock ±12 µs)", "fresh (clock not aligned)"]
+
+
 def test_importing_the_module_does_not_import_matplotlib() -> None:
     code = "import sys, asyncgrad.tracing.picture; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -105,7 +105,7 @@ def test_lanes_nest_and_each_message_is_one_arrow_from_writer_to_handler() -> No
             start = rng.randrange(0, 100_000_000)
             cat = rng.choice(["call", "serve", "backward", "redis"])
             spans.add(cat, cat, start, start + rng.randrange(1, 5_000_000))
-        dumps.append({**spans.dump(), "id": worker_id})
+        dumps.append({**spans.dump(), "id": worker_id, "error_ns": 0})
     # `a` wrote message 99 at 1 ms; `b` handled it at 3 ms (on Redis's clock, each
     # agent's offset applied: b's monotonic clock runs 1 ms behind a's).
     dumps[0]["spans"].append(["XADD → b", "redis", 1_000_000, 1_500_000, 5, 0, [99], {}])

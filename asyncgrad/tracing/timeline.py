@@ -49,8 +49,19 @@ def events(
     """The trace events of the workers' dumps (each with `id`, its agent id); `missing`:
     (name, id, why) of workers that gave none, shown as empty rows that say why."""
     placed: list[tuple[dict[str, Any], list[_Placed]]] = []
-    for dump in sorted(dumps, key=lambda d: int(d["id"])):
-        offset, now = int(dump["offset_ns"]), int(dump["now"])
+    ordered = sorted(dumps, key=lambda d: int(d["id"]))
+    # A worker with no estimate of its offset yet (error -1, offset 0: no TIME sample) has
+    # its spans on its bare monotonic clock (since its host booted), decades before the
+    # others' (since the epoch): one such worker would stretch the whole trace over them.
+    # It is placed as if dumped at the same instant as the others (the median of the
+    # aligned ones' dump times, else the first dump's), off by how far apart the dumps were.
+    aligned = sorted(
+        int(d["now"]) + int(d["offset_ns"]) for d in ordered if int(d["error_ns"]) >= 0
+    )
+    reference = aligned[len(aligned) // 2] if aligned else int(ordered[0]["now"]) if ordered else 0
+    for dump in ordered:
+        now = int(dump["now"])
+        offset = int(dump["offset_ns"]) if int(dump["error_ns"]) >= 0 else reference - now
         spans = [_Placed(wire, offset, now) for wire in dump["spans"]]
         spans.sort(key=lambda s: (s.start, -s.end))
         placed.append((dump, spans))
@@ -133,15 +144,27 @@ def save(trace: list[dict[str, Any]], path: str | os.PathLike[str], **other: Any
 def window(trace: list[dict[str, Any]], steps: int) -> list[dict[str, Any]]:
     """The last `steps` steps of a trace: from the start of the latest `steps` contexts
     (their "step" spans) to the end of the last, with every span and message of any worker
-    that overlaps that time, counted from its start. A trace without steps is kept whole."""
+    that overlaps that time, counted from its start (a span begun before is cut there, and
+    says so: `"clipped_us"`, how much of it is cut). A trace without steps is kept whole."""
     spans = [e for e in trace if e.get("ph") == "X"]
     last = sorted((e for e in spans if e["cat"] == "step"), key=lambda e: e["ts"])[-steps:]
     if not last or steps <= 0:
         return trace
     low = min(e["ts"] for e in last)
     high = max(e["ts"] + e["dur"] for e in last)
-    kept = [e for e in spans if e["ts"] < high and e["ts"] + e["dur"] > low]
-    origin = min(e["ts"] for e in kept)
+    kept = []
+    for e in spans:
+        if e["ts"] < high and e["ts"] + e["dur"] > low:
+            if e["ts"] < low:
+                cut = low - e["ts"]
+                e = {
+                    **e,
+                    "ts": low,
+                    "dur": e["dur"] - cut,
+                    "args": {**e["args"], "clipped_us": cut},
+                }
+            kept.append(e)
+    origin = low
     out = [e for e in trace if e.get("ph") == "M"]
     flows = [e for e in trace if e.get("ph") in ("s", "f") and low <= e["ts"] <= high]
     ends: dict[str, set[str]] = {}
