@@ -35,7 +35,8 @@ from asyncgrad.rpc.server import TRACE
 from asyncgrad.simulated_hosts import SimulatedHost
 from asyncgrad.tracing import RedisClock
 from asyncgrad.tracing.clock import _KEPT
-from asyncgrad.transport.resp import RedisAddress
+from asyncgrad.transport import resp
+from asyncgrad.transport.resp import RedisAddress, SyncConnection
 from tests.conftest import ROOT
 from tests.host_funcs import clock_truth
 from tests.test_hosts import MODULES, SPAWN_TIMEOUT_S
@@ -132,6 +133,27 @@ def loopback_url() -> Iterator[str]:
     on another machine, whose clock is not this one's."""
     with EmbeddedRedis(port=0, host="127.0.0.1") as server:
         yield server.url
+
+
+def test_a_tcp_connection_tells_when_an_answer_arrived_a_unix_one_cannot(
+    loopback_url: str,
+) -> None:
+    if not resp._STAMPED:
+        pytest.skip("no kernel receive stamps (SO_TIMESTAMPNS) on this platform")
+    with EmbeddedRedis() as unix:
+        for url, stamped in ((loopback_url, True), (unix.url, False)):
+            conn = SyncConnection(RedisAddress.from_url(url))
+            try:
+                t0 = time.monotonic_ns()
+                (seconds, _), arrived = conn.execute_timed("TIME")
+                t1 = time.monotonic_ns()
+            finally:
+                conn.close()
+            assert int(seconds) > 0
+            if stamped:
+                assert arrived is not None and t0 < arrived <= t1
+            else:
+                assert arrived is None
 
 
 @pytest.mark.timeout(15)
