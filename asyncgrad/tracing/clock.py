@@ -31,6 +31,7 @@ class RedisClock:
         self._samples: collections.deque[tuple[int, int]] = collections.deque(maxlen=_KEPT)
         # (offset ns, error bound ns), or None before the first sample.
         self._estimate: tuple[int, int] | None = None
+        self.samples = 0  # taken since start (the estimate picks from the latest _KEPT)
 
     def sample(self, t0_ns: int, redis_us: int, t1_ns: int) -> None:
         """One `TIME` round trip: sent at local `t0_ns`, answered `redis_us`, read at `t1_ns`."""
@@ -38,6 +39,7 @@ class RedisClock:
         self._samples.append((half, redis_us * 1000 - (t0_ns + half)))
         best_half, offset = min(self._samples)
         self._estimate = (offset, best_half + _RESOLUTION_NS)
+        self.samples += 1
 
     @property
     def known(self) -> bool:

@@ -158,12 +158,14 @@ class Spans:
 
     def dump(self, context: int | None = None) -> dict[str, Any]:
         """What a timeline needs of this agent, as plain values (they travel by RPC):
-        its spans (open ones with end 0), its clock now, and the offset to Redis's."""
+        its spans (open ones with end 0), its clock now, and the offset to Redis's (with
+        its error bound, and how many samples it was estimated from so far)."""
         return {
             "worker": self.worker,
             "now": time.monotonic_ns(),
             "offset_ns": self.clock.offset_ns,
             "error_ns": self.clock.error_ns,
+            "clock_samples": self.clock.samples,
             "recorded": self.recorded,
             "capacity": self.capacity,
             "enabled": self.enabled,

@@ -425,6 +425,11 @@ class SyncClusterConnection:
                 asking = code == "ASK"
         raise ConnectionLost(f"more than {_MAX_REDIRECTS} cluster redirections for {args[0]!r}")
 
+    def execute_timed(self, *args: Arg) -> tuple[Any, int | None]:
+        """`SyncConnection.execute_timed` on the node this connection is at (a command
+        without a key, such as `TIME`)."""
+        return self._conn.execute_timed(*args)
+
     def close(self) -> None:
         self._conn.close()
 

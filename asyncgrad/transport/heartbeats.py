@@ -16,7 +16,9 @@ deadlines every agent reads alike) and how long it has reached Redis without a g
 (`reachable_for`): an agent that could not reach Redis (Redis stalled, failed over, or
 this process was frozen) cannot tell whether another agent's beats stopped, and says so.
 Each beat also times one `TIME` for the agent's trace clock (`RedisClock`): a few at
-start, then one per beat, from the heartbeat's thread and connection.
+start, then one per beat, from the heartbeat's thread and connection; the answer counts
+as read when the kernel stamped its arrival (plain TCP on Linux), not when this thread got
+the GIL back to read it.
 """
 
 from __future__ import annotations
@@ -193,8 +195,12 @@ class Heartbeat:
     def _time(self, conn: SyncRedisLink) -> None:
         """One sample of the offset to Redis's clock."""
         t0 = time.monotonic_ns()
-        seconds, micros = conn.execute("TIME")
+        (seconds, micros), arrived = conn.execute_timed("TIME")
         t1 = time.monotonic_ns()
+        # When the answer arrived, not when this thread got to read it: a busy event loop
+        # holds the GIL for up to the switch interval (5 ms) after the answer came.
+        if arrived is not None and t0 <= arrived < t1:
+            t1 = arrived
         self.clock.sample(t0, int(seconds) * 1_000_000 + int(micros), t1)
 
     def _beat_forever(self, conn: SyncRedisLink | None, done: asyncio.Future[None]) -> None:

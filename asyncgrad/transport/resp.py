@@ -19,8 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import platform
 import socket
 import ssl
+import struct
+import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -49,6 +53,12 @@ _TLS_SHUTDOWN_TIMEOUT = 1.0
 Arg = bytes | memoryview | str | int | float
 # hiredis's stubs declare a one-element tuple; it takes any number of arguments.
 _pack = cast(Callable[[tuple[Arg, ...]], bytes], hiredis.pack_command)
+# SO_TIMESTAMPNS: the kernel stamps each packet as it arrives (CLOCK_REALTIME), and
+# recvmsg hands the stamp over. Python names no constant; 35 is Linux's generic value
+# (x86-64, arm64; a few other architectures number their socket options otherwise).
+_SO_TIMESTAMPNS = 35
+_STAMPED = sys.platform == "linux" and platform.machine() in ("x86_64", "aarch64")
+_TIMESPEC = struct.Struct("@qq")
 
 
 class ConnectionLost(TransportError):
@@ -378,6 +388,9 @@ class SyncConnection:
                 if ctx := address.ssl_context():
                     sock = ctx.wrap_socket(sock, server_hostname=address.host)
             self._sock = sock
+            # Plain TCP only: TLS has no recvmsg, and a unix socket gets no stamps.
+            tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
+            self._stamped = tcp and not isinstance(sock, ssl.SSLSocket) and _stamp(sock)
             for command in address.login_commands(name):
                 self.execute(*command)
         except (OSError, TransportError) as e:
@@ -392,11 +405,26 @@ class SyncConnection:
             raise ConnectionLost(f"cannot connect to Redis at {address}: {e}") from e
 
     def execute(self, *args: Arg) -> Any:
+        return self._execute(args, False)[0]
+
+    def execute_timed(self, *args: Arg) -> tuple[Any, int | None]:
+        """`execute`, and by when its reply had arrived, on the monotonic clock (ns): the
+        kernel's stamp of the reply's last packet, which a thread that waited for the GIL
+        (or a CPU) before it read the reply leaves behind. None where the socket tells no
+        arrival (TLS, a unix socket, not Linux)."""
+        return self._execute(args, self._stamped)
+
+    def _execute(self, args: tuple[Arg, ...], timed: bool) -> tuple[Any, int | None]:
+        arrived = None
         try:
             self._sock.sendall(_pack(args))
             data = b""
             while (reply := _next_reply(self._reader, data)) is False:
-                data = self._sock.recv(65536)
+                if timed:
+                    data, ancillary, _, _ = self._sock.recvmsg(65536, _ANCILLARY)
+                    arrived = _arrival(ancillary)
+                else:
+                    data = self._sock.recv(65536)
                 if not data:
                     raise ConnectionLost("Redis closed the connection")
                 self._reader.feed(data)
@@ -406,10 +434,35 @@ class SyncConnection:
             raise ConnectionLost(str(reply))
         if isinstance(reply, ReplyError):
             raise reply
-        return reply
+        return reply, arrived
 
     def close(self) -> None:
         self._sock.close()
+
+
+_ANCILLARY = socket.CMSG_SPACE(_TIMESPEC.size)
+
+
+def _stamp(sock: socket.socket) -> bool:
+    """Have the kernel stamp the packets `sock` receives; whether it will."""
+    if not _STAMPED:
+        return False
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+    except OSError:
+        return False
+    return True
+
+
+def _arrival(ancillary: list[tuple[int, int, bytes]]) -> int | None:
+    """A packet's kernel stamp (CLOCK_REALTIME) as a time on the monotonic clock: the
+    latest it can be (the realtime clock read no later than the monotonic one)."""
+    for level, kind, value in ancillary:
+        if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS:
+            seconds, nanos = _TIMESPEC.unpack(value[: _TIMESPEC.size])
+            realtime, monotonic = time.time_ns(), time.monotonic_ns()
+            return int(seconds) * 1_000_000_000 + int(nanos) - realtime + monotonic
+    return None
 
 
 class _NotRedis(str):
