@@ -7,7 +7,9 @@ half the difference of the two directions' delays. So the estimate is the sample
 shortest round trip among the recent ones (a slow sample, one delayed by a busy GIL or a
 queue, carries a wide interval and loses), and its half round trip is a hard bound on the
 error, whatever the asymmetry. Recent only: the two clocks drift apart (NTP slews the
-wall clock Redis reads) by up to a few tens of microseconds per second.
+wall clock Redis reads, on another host also against this one's), so a sample's bound
+grows with its age, by `DRIFT` (15 µs per second, an NTP-disciplined clock's usual
+worst), and a fresher sample wins over an older, slightly tighter one.
 
 Written from the heartbeat's thread, read from the event loop's: the estimate is one
 tuple, replaced whole.
@@ -22,13 +24,15 @@ __all__ = ["RedisClock"]
 
 _KEPT = 32  # samples the estimate picks from (one per heartbeat: ~25 s at the default)
 _RESOLUTION_NS = 1000  # TIME answers in microseconds
+DRIFT = 15e-6  # how fast the two clocks may drift apart (s per s) while a sample ages
 
 
 class RedisClock:
     """The offset from `time.monotonic_ns()` to Redis's clock (ns since the epoch)."""
 
     def __init__(self) -> None:
-        self._samples: collections.deque[tuple[int, int]] = collections.deque(maxlen=_KEPT)
+        # (half round trip, offset, when taken), ns
+        self._samples: collections.deque[tuple[int, int, int]] = collections.deque(maxlen=_KEPT)
         # (offset ns, error bound ns), or None before the first sample.
         self._estimate: tuple[int, int] | None = None
         self.samples = 0  # taken since start (the estimate picks from the latest _KEPT)
@@ -36,9 +40,9 @@ class RedisClock:
     def sample(self, t0_ns: int, redis_us: int, t1_ns: int) -> None:
         """One `TIME` round trip: sent at local `t0_ns`, answered `redis_us`, read at `t1_ns`."""
         half = max(t1_ns - t0_ns, 0) // 2
-        self._samples.append((half, redis_us * 1000 - (t0_ns + half)))
-        best_half, offset = min(self._samples)
-        self._estimate = (offset, best_half + _RESOLUTION_NS)
+        self._samples.append((half, redis_us * 1000 - (t0_ns + half), t1_ns))
+        bound, offset = min((h + int(max(t1_ns - t, 0) * DRIFT), o) for h, o, t in self._samples)
+        self._estimate = (offset, bound + _RESOLUTION_NS)
         self.samples += 1
 
     @property
