@@ -108,7 +108,7 @@ def events(
             event["args"]["transit_us"] = round(transit[key], 1)
     for name, pid, why in missing:
         out += _process(pid, name, f"{name} ({why})")
-    return out
+    return _rows_in_order(out)
 
 
 def span_events(trace: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -165,14 +165,38 @@ def window(trace: list[dict[str, Any]], steps: int) -> list[dict[str, Any]]:
                 }
             kept.append(e)
     origin = low
-    out = [e for e in trace if e.get("ph") == "M"]
+    lanes = {(e["pid"], e["tid"]) for e in kept}
+    out = [
+        e
+        for e in trace
+        if e.get("ph") == "M"
+        and (not e["name"].startswith("thread_") or (e["pid"], e["tid"]) in lanes)
+    ]
     flows = [e for e in trace if e.get("ph") in ("s", "f") and low <= e["ts"] <= high]
     ends: dict[str, set[str]] = {}
     for e in flows:
         ends.setdefault(e["id"], set()).add(e["ph"])
     for e in [*kept, *(f for f in flows if ends[f["id"]] == {"s", "f"})]:
         out.append({**e, "ts": e["ts"] - origin})
-    return out
+    return _rows_in_order(out)
+
+
+def _rows_in_order(trace: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows sorted by when each worker's first span began (a step reads top to bottom as
+    it went from worker to worker); rows without spans last, by id."""
+    first: dict[int, float] = {}
+    for e in trace:
+        if e.get("ph") == "X":
+            first[e["pid"]] = min(first.get(e["pid"], e["ts"]), e["ts"])
+    pids = {e["pid"] for e in trace if "pid" in e}
+    order = sorted(pids, key=lambda pid: (pid not in first, first.get(pid, 0.0), pid))
+    rank = {pid: i for i, pid in enumerate(order)}
+    return [
+        {**e, "args": {"sort_index": rank[e["pid"]]}}
+        if e.get("ph") == "M" and e.get("name") == "process_sort_index"
+        else e
+        for e in trace
+    ]
 
 
 class _Lanes:
