@@ -302,3 +302,21 @@ def test_the_trace_command_fails_in_one_clear_line(
     assert done.returncode == code
     assert says in done.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "trace.json").exists()
+
+
+async def test_a_large_array_shows_its_fetch_in_its_context(
+    make_agent: Callable[..., Any], redis_url: str, namespace: str
+) -> None:
+    """Waiting on the data path: the receiver's span of the fetch names the context of
+    the message whose frame it fetched, how many bytes, and by which path."""
+    from tests import dist_funcs  # noqa: F401 - exposes dt.requires_grad
+
+    await make_agent("big", inline_limit=1024)
+    x = ag.tensor(np.ones(64 * 1024, dtype=np.float32), requires_grad=True)
+    async with rpc.Agent("driver", redis_url, namespace, inline_limit=1024) as driver:
+        async with dist_autograd.context() as ctx:
+            assert await driver.rpc_async("big", "dt.requires_grad", args=(x,))
+        fetches = [e for e in spans_of(await driver.trace(ctx)) if e["cat"] == "data"]
+    assert [e["args"]["worker"] for e in fetches] == ["big"]
+    assert fetches[0]["args"]["bytes"] >= x.data.nbytes
+    assert fetches[0]["args"]["path"] in ("local", "offered", "tcp", "redis")

@@ -7,7 +7,8 @@ The job keeps a checkpoint of the model (every twentieth of the run, at least 50
 
 - `soak`: after setup and warm-up, and again at the end, once the streams are empty and
   Redis holds still: Redis `used_memory` must come back to its baseline (within 1 MiB),
-  and no worker's RSS may grow by 20 MiB or more.
+  and no worker's RSS may grow by 20 MiB or more. Tracing stays on: each agent's ring of
+  spans fills and then turns over (`spans`: recorded, kept, capacity).
 - `chaos`: the same job, during which the parameter server is SIGKILLed and restarted (the
   job restores the model from its checkpoint and rebinds the trainers to it), then Redis is
   stopped and a new, empty one started at the same address. Every step must still finish;
@@ -48,6 +49,7 @@ from asyncgrad.embedded import find_redis_server, redis_version
 from asyncgrad.errors import ContextError, OutcomeUnknown, RpcError, TransportError
 from asyncgrad.local_cluster import LocalCluster
 from asyncgrad.rpc import Agent, RRef, expose
+from asyncgrad.rpc.server import TRACE
 from asyncgrad.transport import GROUP, inbox
 from asyncgrad.transport.resp import Connection, RedisAddress, ReplyError
 from asyncgrad.worker import run_loop
@@ -233,6 +235,9 @@ def _violations(figures: dict[str, Any], faults: Sequence[Fault]) -> list[str]:
         for name, growth in figures["rss_growth_mib"].items():
             if growth * (1 << 20) >= RSS_BOUND:
                 found.append(f"{name} RSS grew by {growth:.1f} MiB (bound {RSS_BOUND >> 20})")
+    for name, spans in figures.get("spans", {}).items():
+        if spans["kept"] > spans["capacity"]:
+            found.append(f"{name} keeps {spans['kept']} spans (its ring holds {spans['capacity']})")
     missing = len(faults) - len(figures.get("faults", []))
     if missing:
         found.append(f"{missing} fault(s) never injected")
@@ -342,6 +347,7 @@ class _Job:
         after = None if self.faults else await self._settle()
         rss_after = self._rss()
         figures = self._figures(reports, wall, rss_before, rss_after)
+        figures["spans"] = await self._spans(agent)
         figures["steps_applied"] = {
             name: await _retrying(functools.partial(_applied, trainer))
             for name, trainer in self.trainers.items()
@@ -515,6 +521,16 @@ class _Job:
                 return min(samples)
             # Idleness is the condition measured: the sampling period of an idle state.
             await asyncio.sleep(0.25)
+
+    async def _spans(self, agent: Agent) -> dict[str, dict[str, int]]:
+        """Each live agent's spans: recorded since it started, kept (at most its ring's
+        capacity, however long it ran), and still open."""
+        out = {}
+        for worker in await agent.workers():
+            # A context nobody has: the counts without the spans.
+            dump = await agent.rpc_async(worker.name, TRACE, args=(-1,))
+            out[worker.name] = {k: dump[k] for k in ("recorded", "kept", "open", "capacity")}
+        return out
 
     def _rss(self) -> dict[str, int]:
         pids = {name: p.pid for name, p in self.cluster.processes.items()}

@@ -167,6 +167,8 @@ class Spans:
             "error_ns": self.clock.error_ns,
             "clock_samples": self.clock.samples,
             "recorded": self.recorded,
+            "kept": len(self._ring),
+            "open": len(self._open),
             "capacity": self.capacity,
             "enabled": self.enabled,
             "spans": [s.to_wire() for s in self.spans(context)],

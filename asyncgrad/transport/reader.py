@@ -258,11 +258,18 @@ class Reader:
 
     def _resolved_now(self, message: Inbound) -> bool:
         assert self._data is not None
+        start = time.monotonic_ns()
         done = self._data.resolve_now(message.frames)
+        if done is False:
+            return False  # to be fetched: `_fetch`'s span says how long it took
+        span = message.fetched = self._spans.begin("fetch", "data", start=start)
         if isinstance(done, CodecError):
             message.error = done
+            self._spans.end(span, error=str(done))
             return True
-        return done
+        # Every frame was offered before the message was read: no wait but the mapping.
+        self._spans.end(span, bytes=sum(len(f) for f in message.frames[1:]), path="offered")
+        return True
 
     def _hold(self, message: Inbound, refers: bool) -> None:
         """Keep a message until it, and every message read before it, can be delivered;
