@@ -357,10 +357,9 @@ class Wire:
         if message.fetched is not None:
             message.fetched.context = context
         name = f"{header.kind.name} ← {header.sender}"
-        queued = {"queued_us": (begun - message.read_ns) // 1000} if message.read_ns else None
-        self.spans.add(
-            name, "message", begun, time.monotonic_ns(), context, header.id, None, queued
-        )
+        queued = begun - message.read_ns if message.read_ns else 0
+        end = time.monotonic_ns()
+        self.spans.add(name, "message", begun, end, context, header.id, None, None, queued)
 
     def _receive_autograd(self, header: Header, message: Inbound) -> int:
         """Hand the record to autograd; its context (0: none, or it did not decode)."""

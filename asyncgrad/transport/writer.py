@@ -213,14 +213,14 @@ class Writer:
         sent = [traced[1] for _, _, traced in batch]
         contexts = sorted({traced[0] for _, _, traced in batch} - {0})
         context = contexts[0] if len(contexts) == 1 else 0
-        args: dict[str, Any] = {"to": dest, "messages": len(sent)}
-        if len(contexts) > 1:
-            args["contexts"] = contexts
+        # (Its destination is in its name, its messages' ids in `sent`.)
+        args: dict[str, Any] | None = {"contexts": contexts} if len(contexts) > 1 else None
 
         def timed(reply: Any) -> None:
-            if isinstance(reply, Exception):
-                args["error"] = str(reply)
-            spans.add(f"XADD → {dest}", "redis", start, time.monotonic_ns(), context, 0, sent, args)
+            extra = {**(args or {}), "error": str(reply)} if isinstance(reply, Exception) else args
+            spans.add(
+                f"XADD → {dest}", "redis", start, time.monotonic_ns(), context, 0, sent, extra
+            )
             on_reply(reply)
 
         return timed
