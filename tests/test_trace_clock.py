@@ -125,6 +125,20 @@ def test_whatever_the_delays_the_error_stays_within_the_bound(
         assert abs(error(clock, offset)) <= clock.error_ns
 
 
+def test_a_step_of_redis_s_clock_starts_the_estimate_over() -> None:
+    """After a failover to another Redis (or an NTP step there), the first sample that
+    contradicts the estimate replaces it, not 30 beats later."""
+    clock = RedisClock()
+    for i in range(10):
+        timed(clock, i * MS, 20 * US, 20 * US)
+    stepped = TRUE_OFFSET + 3_000 * MS
+    timed(clock, 20 * MS, 300 * US, 300 * US, stepped)
+    assert abs(error(clock, stepped)) <= clock.error_ns <= 301 * US
+    clock.restart()
+    timed(clock, 30 * MS, 40 * US, 40 * US)
+    assert clock.error_ns <= 41 * US and abs(error(clock)) <= clock.error_ns
+
+
 # *** one host: an agent's estimate against the truth ***
 
 

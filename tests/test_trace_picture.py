@@ -319,4 +319,4 @@ def test_twenty_thousand_spans_draw_in_a_few_seconds(tmp_path: Path) -> None:
     draw(trace, tmp_path / "many.png")
     took = time.perf_counter() - began
     assert png_size(tmp_path / "many.png")[0] > 1000
-    assert took < 5.0, f"{took:.2f} s"
+    assert took < 10.0, f"{took:.2f} s"  # ~1 s on a quiet 2-core VM: linear, not quadratic

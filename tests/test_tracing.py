@@ -223,7 +223,7 @@ async def test_a_stuck_step_shows_what_waits_and_who_did_not_answer(
         finally:
             os.kill(stuck.pid, signal.SIGCONT)
         await waiting
-    assert 1.0 <= took < 3.0
+    assert 1.0 <= took < 10.0  # its timeout, not the 20 s failure window
     (title,) = [r["name"] for r in rows(trace).values() if r["worker"] == "stuck"]
     assert title == "stuck (no answer within 1 s)"
     unfinished = [e for e in spans_of(trace) if e["args"].get("unfinished")]
@@ -320,3 +320,45 @@ async def test_a_large_array_shows_its_fetch_in_its_context(
     assert [e["args"]["worker"] for e in fetches] == ["big"]
     assert fetches[0]["args"]["bytes"] >= x.data.nbytes
     assert fetches[0]["args"]["path"] in ("local", "offered", "tcp", "redis")
+
+
+async def test_gathering_a_trace_inside_a_context_does_not_join_the_agents_to_it(
+    make_agent: Callable[..., Any], redis_url: str, namespace: str
+) -> None:
+    """The built-in calls are about agents, not the step: an agent only traced is no peer
+    of the context, so a backward neither waits for it nor tells it anything."""
+    from tests import dist_funcs  # noqa: F401 - exposes dt.layer
+
+    await make_agent("w")
+    bystander = await make_agent("bystander")
+    driver = rpc.Agent("driver", redis_url, namespace)
+    async with driver, dist_autograd.context() as ctx:
+        h = await driver.rpc_async("w", "dt.layer", args=(ag.tensor(np.ones((2, 4))), 0))
+        await driver.trace(ctx)
+        await dist_autograd.backward(ctx, [h.sum()])
+        assert bystander.autograd.open_contexts() == 0
+
+
+async def test_a_backward_that_fails_in_the_engine_leaves_no_span_open(
+    make_agent: Callable[..., Any],
+    redis_url: str,
+    namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from asyncgrad.dist_autograd.nodes import SendRpcBackward
+    from tests import dist_funcs  # noqa: F401 - exposes dt.layer
+
+    def refuse(self: SendRpcBackward, grads: Any) -> Any:
+        raise ValueError("a gradient that does not fit")
+
+    await make_agent("w")
+    async with rpc.Agent("driver", redis_url, namespace) as driver:
+        async with dist_autograd.context() as ctx:
+            h = await driver.rpc_async("w", "dt.layer", args=(ag.tensor(np.ones((2, 4))), 0))
+            monkeypatch.setattr(SendRpcBackward, "check", refuse)
+            with pytest.raises(ag.RemoteError, match="does not fit"):
+                await dist_autograd.backward(ctx, [h.sum()])
+        trace = await driver.trace(ctx)
+    assert not [e for e in spans_of(trace) if e["args"].get("unfinished")]
+    failed = [e for e in spans_of(trace) if e["name"] == "backward" and "error" in e["args"]]
+    assert {e["args"]["worker"] for e in failed} == {"w", "driver"}

@@ -135,6 +135,7 @@ class Contexts:
         for ctx in [c for c in self.by_id.values() if c.touched < stale]:
             if not any(p.running for p in self._passes.get(ctx.id, {}).values()):
                 logger.info("event=context_expired agent=%s context=%d", self._wire.name, ctx.id)
+                self.spans.end(ctx.span, error="expired")
                 self.by_id.pop(ctx.id, None)
                 self._passes.pop(ctx.id, None)
         self._schedule_sweep()

@@ -57,8 +57,10 @@ class _LocalOptimizer:
         contexts = current_contexts()
         ctx = contexts.get(context_id)
         span = contexts.spans.begin(f"{type(self.optimizer).__name__} step", "optim", context_id)
-        self.optimizer.step({p: ctx.grads[p] for p in self.params if p in ctx.grads})
-        contexts.spans.end(span, params=len(self.params))
+        try:
+            self.optimizer.step({p: ctx.grads[p] for p in self.params if p in ctx.grads})
+        finally:
+            contexts.spans.end(span, params=len(self.params))
         self._applied[context_id] = None
         if len(self._applied) > _REMEMBERED:
             self._applied.popitem(last=False)

@@ -95,6 +95,19 @@ class Pass:
         args = {"pass": self.id, "from": parent or "roots"}
         self._span = self._spans.begin("backward", "backward", ctx.id, args=args)
         run = self._spans.begin("graph", "backward", ctx.id)
+        try:
+            self._launch(parent, retain, roots)
+        finally:
+            self._spans.end(run)
+        early, self._early = self._early, []
+        for sender, record in early:
+            self._on(sender, record)
+        self._check()
+
+    def _launch(self, parent: str | None, retain: bool, roots: Sequence[tuple[Any, Array]]) -> None:
+        """The engine from the sends (and roots), "none" to unreached receives, the start
+        spread to the peers, the roots seeded."""
+        ctx = self.ctx
         self._sends, self._recvs = dict(ctx.sends), dict(ctx.recvs)
         starts: list[Node] = [*nodes_of(edge for edge, _ in roots), *self._sends.values()]
         self._task = GraphTask(starts, retain_graph=retain, exit=self._ship)
@@ -106,11 +119,6 @@ class Pass:
             self._post(peer, PassStart(ctx.id, self.id, retain), counted=False)
         for edge, grad in roots:
             self._task.seed(edge, grad)
-        self._spans.end(run)
-        early, self._early = self._early, []
-        for sender, record in early:
-            self._on(sender, record)
-        self._check()
 
     def receive(self, sender: str, record: AutogradRecord) -> None:
         """A message about this pass from `sender` (the dispatcher in contexts.py)."""
@@ -142,8 +150,10 @@ class Pass:
                 return
             grads = record.grads
             run = self._spans.begin("graph", "backward", self.ctx.id)
-            self._task.feed(send, None if grads is None else send.check(grads))
-            self._spans.end(run, none=grads is None)
+            try:
+                self._task.feed(send, None if grads is None else send.check(grads))
+            finally:
+                self._spans.end(run, none=grads is None)
         self._check()
 
     def _ship(self, node: Node, grads: list[Any] | None) -> None:

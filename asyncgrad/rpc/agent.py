@@ -423,6 +423,8 @@ class Agent:
         Chrome/Perfetto trace events (README, "Tracing"); `context_id`: only that
         distributed autograd context's. An agent that does not answer within `timeout`
         (default: `failure_timeout`) shows as an empty row that says so."""
+        if context_id is not None and type(context_id) is not int:
+            raise TypeError(f"context_id is an int, not {type(context_id).__name__}")
         workers = [(w.name, w.id) for w in await self.workers()]
         limit = self.failure_timeout if timeout is None else timeout
         here = (self.name, self._dump_spans)

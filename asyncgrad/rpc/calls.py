@@ -97,8 +97,9 @@ class Calls:
         # passed-on RRefs wait for Redis too, and a caller's timeout bounds all of it.
         expires = asyncio.get_running_loop().time() + limit
         spans = self._wire.spans
-        # Gathering a trace is not part of what it shows.
-        span = spans.begin(f"{call.label} → {to}", "call") if call.fn != TRACE else None
+        span = None
+        if spans.enabled and call.fn != TRACE:  # gathering a trace is not what it shows
+            span = spans.begin(f"{call.label} → {to}", "call")
         try:
             return await self._make_within(to, call, what, expires, span)
         except _Expired:
@@ -123,7 +124,9 @@ class Calls:
             payload = self._wire.encode(call.to_wire())
         except UnencodableError as e:
             raise _in_arguments(e) from None
-        record = self._autograd.outgoing(to, payload.tensors)
+        # The built-ins are about the agents, not the step: they join no context (which
+        # would make every agent traced or asked a peer of it, waited on by its passes).
+        record = None if call.fn in _BUILT_IN else self._autograd.outgoing(to, payload.tensors)
         context = 0 if record is None else record.context
         if span is not None:
             span.context = context
@@ -309,6 +312,9 @@ class Calls:
         for pending in self._pending.values():
             if dest is None or pending.dest == dest:
                 _fail(pending.future, error)
+
+
+_BUILT_IN = frozenset({TRACE, UNANSWERED})
 
 
 class _Expired(Exception):

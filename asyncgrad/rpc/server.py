@@ -123,7 +123,7 @@ class Server:
             context.run(self._reply, header, Reply(error=("CodecError", str(e), "")))
             return
         span = None
-        if call.fn != TRACE:  # gathering a trace is not part of what it shows
+        if self._wire.spans.enabled and call.fn != TRACE:  # a trace's gathering is not in it
             span = self._wire.spans.begin(
                 call.label,
                 "serve",
@@ -142,9 +142,11 @@ class Server:
             return
         if inspect.isawaitable(result):
             self._lifecycle.spawn(self._finish(header, call, result, message, span), context)
-        else:
+            return
+        try:
             context.run(self._reply_result, header, call, result)
             self._wire.done(message)
+        finally:
             self._wire.spans.end(span)
 
     def _refusal(self, header: Header, message: Inbound) -> Reply:

@@ -35,7 +35,8 @@ def breakdown(trace: Iterable[dict[str, Any]]) -> tuple[int, dict[str, dict[str,
     `transit`: the median in ms)). A trace without steps counts as one."""
     events = list(trace)
     spans = [e for e in events if e.get("ph") == "X"]
-    steps = sum(1 for e in spans if e["cat"] == "step")
+    # Whole steps only: one cut by a window's edge is counted by the window before it.
+    steps = sum(1 for e in spans if e["cat"] == "step" and "clipped_us" not in e["args"])
     per = max(steps, 1)
     workers = sorted({e["args"]["worker"] for e in spans})
     out: dict[str, dict[str, float]] = {}

@@ -9,7 +9,10 @@ queue, carries a wide interval and loses), and its half round trip is a hard bou
 error, whatever the asymmetry. Recent only: the two clocks drift apart (NTP slews the
 wall clock Redis reads, on another host also against this one's), so a sample's bound
 grows with its age, by `DRIFT` (15 µs per second, an NTP-disciplined clock's usual
-worst), and a fresher sample wins over an older, slightly tighter one.
+worst), and a fresher sample wins over an older, slightly tighter one. A sample that
+contradicts the estimate (their intervals do not overlap: Redis's clock was stepped, or
+this agent now reaches another Redis, after a failover) starts the estimate over
+(`restart` does that too, when the heartbeat's connection changed).
 
 Written from the heartbeat's thread, read from the event loop's: the estimate is one
 tuple, replaced whole.
@@ -40,10 +43,23 @@ class RedisClock:
     def sample(self, t0_ns: int, redis_us: int, t1_ns: int) -> None:
         """One `TIME` round trip: sent at local `t0_ns`, answered `redis_us`, read at `t1_ns`."""
         half = max(t1_ns - t0_ns, 0) // 2
-        self._samples.append((half, redis_us * 1000 - (t0_ns + half), t1_ns))
+        offset = redis_us * 1000 - (t0_ns + half)
+        estimate = self._estimate
+        if estimate is not None and abs(offset - estimate[0]) > half + estimate[1]:
+            self._samples.clear()
+        self._samples.append((half, offset, t1_ns))
         bound, offset = min((h + int(max(t1_ns - t, 0) * DRIFT), o) for h, o, t in self._samples)
         self._estimate = (offset, bound + _RESOLUTION_NS)
         self.samples += 1
+
+    def restart(self) -> None:
+        """Forget the samples: the next one starts the estimate over."""
+        self._samples.clear()
+
+    @property
+    def estimate(self) -> tuple[int, int] | None:
+        """(offset ns, error bound ns) as one pair, or None before the first sample."""
+        return self._estimate
 
     @property
     def known(self) -> bool:

@@ -172,11 +172,12 @@ class Spans:
         """What a timeline needs of this agent, as plain values (they travel by RPC):
         its spans (open ones with end 0), its clock now, and the offset to Redis's (with
         its error bound, and how many samples it was estimated from so far)."""
+        offset, error = self.clock.estimate or (0, -1)  # one pair: the thread swaps it whole
         return {
             "worker": self.worker,
             "now": time.monotonic_ns(),
-            "offset_ns": self.clock.offset_ns,
-            "error_ns": self.clock.error_ns,
+            "offset_ns": offset,
+            "error_ns": error,
             "clock_samples": self.clock.samples,
             "recorded": self.recorded,
             "kept": len(self._ring),

@@ -75,6 +75,8 @@ def events(
         pid, worker = int(dump["id"]), str(dump["worker"])
         error_us = int(dump["error_ns"]) / 1000
         clock = f"clock ±{error_us:.0f} µs" if error_us >= 0 else "clock not aligned"
+        if not dump.get("enabled", True):
+            clock = "tracing off"
         out += _process(pid, worker, f"{worker} ({clock})", error_us)
         lanes = _lanes(spans)
         for lane, (cat, k) in enumerate(lanes.names, start=1):
@@ -107,7 +109,7 @@ def events(
         if key in transit:
             event["args"]["transit_us"] = round(transit[key], 1)
     for name, pid, why in missing:
-        out += _process(pid, name, f"{name} ({why})")
+        out += _process(pid, name, f"{name} ({why})", missing=why)
     return _rows_in_order(out)
 
 
@@ -255,11 +257,14 @@ def _complete(span: _Placed, pid: int, lane: int, worker: str, origin: int) -> d
 
 
 def _process(
-    pid: int, worker: str, title: str, error_us: float | None = None
+    pid: int, worker: str, title: str, error_us: float | None = None, missing: str = ""
 ) -> list[dict[str, Any]]:
     """A worker's row: its title, and how far its spans may be off on the common clock
-    (`clock_error_us`: None when it gave none, -1 when it could not tell)."""
-    args = {"name": title, "worker": worker, "clock_error_us": error_us}
+    (`clock_error_us`: None when it gave none, -1 when it could not tell); `missing`:
+    why it gave no spans, if it did not answer."""
+    args: dict[str, Any] = {"name": title, "worker": worker, "clock_error_us": error_us}
+    if missing:
+        args["missing"] = missing
     return [
         _meta("process_name", pid, args),
         _meta("process_sort_index", pid, {"sort_index": pid}),

@@ -193,9 +193,14 @@ class Heartbeat:
         return True
 
     def _time(self, conn: SyncRedisLink) -> None:
-        """One sample of the offset to Redis's clock."""
+        """One sample of the offset to Redis's clock. A sample that fails costs the clock
+        that sample, never the beat: the beat has been made."""
         t0 = time.monotonic_ns()
-        (seconds, micros), arrived = conn.execute_timed("TIME")
+        try:
+            (seconds, micros), arrived = conn.execute_timed("TIME")
+        except (TransportError, ValueError, TypeError) as e:
+            logger.debug("event=clock_sample_failed agent=%s error=%r", self._endpoint.name, e)
+            return
         t1 = time.monotonic_ns()
         # When the answer arrived, not when this thread got to read it: a busy event loop
         # holds the GIL for up to the switch interval (5 ms) after the answer came.
@@ -212,6 +217,8 @@ class Heartbeat:
                     reconnected = conn is None
                     if conn is None:
                         conn = self._endpoint.open_sync("heartbeat")
+                        # Perhaps another Redis now (a failover), with a clock of its own.
+                        self.clock.restart()
                     was_ours, ours = ours, self._beat(conn)
                     if reconnected:
                         logger.info("event=reconnected agent=%s role=heartbeat", name)

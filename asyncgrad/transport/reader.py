@@ -267,8 +267,9 @@ class Reader:
             message.error = done
             self._spans.end(span, error=str(done))
             return True
-        # Every frame was offered before the message was read: no wait but the mapping.
-        self._spans.end(span, bytes=sum(len(f) for f in message.frames[1:]), path="offered")
+        if span is not None:  # every frame was offered before the message was read
+            size = sum(len(f) for f in message.frames[1:])
+            self._spans.end(span, bytes=size, path="offered")
         return True
 
     def _hold(self, message: Inbound, refers: bool) -> None:
@@ -283,15 +284,10 @@ class Reader:
     async def _fetch(self, message: Inbound) -> None:
         assert self._data is not None
         span = message.fetched = self._spans.begin("fetch", "data")
-        before = self._data.counts.copy()
+        # (A copy: the data plane's threads add to the counts; a copy is one C call.)
+        before = self._data.counts.copy() if span is not None else None
         try:
             await self._data.resolve(message.frames)
-            if span is not None:
-                counts = self._data.counts
-                # (Fetches running meanwhile may add to the counts: "path" can name theirs.)
-                paths = [k[8:] for k in counts if k[:8] == "fetched_" and counts[k] > before[k]]
-                size = sum(len(f) for f in message.frames[1:])
-                self._spans.end(span, bytes=size, path=",".join(paths) or "offered")
         except CodecError as e:
             self._spans.end(span, error=str(e))
             message.error = e
@@ -302,8 +298,16 @@ class Reader:
         except Exception as e:
             logger.exception("event=fetch_failed agent=%s", self._endpoint.name)
             message.error = TransferLost(f"fetching its frames failed: {e!r}")
+            self._spans.end(span, error=repr(e))
+        else:
+            if span is not None and before is not None:
+                after = self._data.counts.copy()
+                # (Fetches running meanwhile add to the counts too: "path" may name theirs.)
+                paths = [k[8:] for k, n in after.items() if k[:8] == "fetched_" and n > before[k]]
+                size = sum(len(f) for f in message.frames[1:])
+                self._spans.end(span, bytes=size, path=",".join(paths) or "offered")
         finally:
-            self._spans.end(span)
+            self._spans.end(span)  # cancelled: the reader closed
 
     def _release(self, _: object = None) -> None:
         """Deliver the waiting messages that are ready, in the order they were read."""

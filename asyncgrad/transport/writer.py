@@ -217,7 +217,10 @@ class Writer:
         args: dict[str, Any] | None = {"contexts": contexts} if len(contexts) > 1 else None
 
         def timed(reply: Any) -> None:
-            extra = {**(args or {}), "error": str(reply)} if isinstance(reply, Exception) else args
+            extra = args
+            if reply is None or isinstance(reply, Exception):
+                error = "no such inbox" if reply is None else str(reply)
+                extra = {**(args or {}), "error": error}
             spans.add(
                 f"XADD → {dest}", "redis", start, time.monotonic_ns(), context, 0, sent, extra
             )
