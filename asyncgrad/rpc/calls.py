@@ -98,7 +98,8 @@ class Calls:
         expires = asyncio.get_running_loop().time() + limit
         spans = self._wire.spans
         span = None
-        if spans.enabled and call.fn != TRACE:  # gathering a trace is not what it shows
+        # A trace's own calls are left out of it (their messages still show).
+        if spans.enabled and call.fn != TRACE:
             span = spans.begin(f"{call.label} → {to}", "call")
         try:
             return await self._make_within(to, call, what, expires, span)
