@@ -37,6 +37,8 @@ LAYER_OF = {
     "tracing.spans": "tracing",
     "tracing.timeline": "tracing",
     "tracing.picture": "tracing",
+    "tracing.picture.scene": "tracing",
+    "tracing.picture.render": "tracing",
     "transport": "transport",
     "transport.resp": "transport",
     "transport.cluster": "transport",
