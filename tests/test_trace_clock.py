@@ -168,7 +168,7 @@ def test_a_tcp_connection_tells_when_an_answer_arrived_a_unix_one_cannot(
                     (seconds, _), arrived = conn.execute_timed("TIME")
                     answers.append((t0, arrived, time.monotonic_ns()))
                     assert int(seconds) > 0
-                    if arrived is not None or not stamped and len(answers) >= 50:
+                    if arrived is not None or (not stamped and len(answers) >= 50):
                         break
             finally:
                 conn.close()
