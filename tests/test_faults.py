@@ -27,7 +27,7 @@ from asyncgrad import dist_autograd, optim, rpc
 from asyncgrad.transport import dead_letters, inbox
 from asyncgrad.transport.writer import DEAD_LETTER_BYTES
 from tests import fault_funcs
-from tests.conftest import DEADLINE, WorkerProcess
+from tests.conftest import DEADLINE, WorkerProcess, eventually
 from tests.security_fixtures import start_server_taking
 
 FUNCS = "tests.fault_funcs"
@@ -280,6 +280,12 @@ async def step_once_through_a_freeze(
         finally:
             os.kill(ps.pid, signal.SIGCONT)
         await redis_client.rpush(f"{namespace}:gate:release", 1, 1)
+
+        # Until then it is rightly suspected (`WorkerUnavailable`): its beats stopped.
+        async def beats_again() -> bool:
+            return not await driver.gone(["ps"])
+
+        await eventually(beats_again, "ps heartbeats again after SIGCONT")
         await opt.step(ctx)  # completes it where missing: nowhere, it ran meanwhile
     local = opt.remote_optimizers["ps"]
     assert await local.rpc_async().applied_steps() == 1
