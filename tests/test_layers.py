@@ -34,6 +34,7 @@ LAYER_OF = {
     "tracing": "tracing",
     "tracing.breakdown": "tracing",
     "tracing.clock": "tracing",
+    "tracing.cpu": "tracing",
     "tracing.spans": "tracing",
     "tracing.timeline": "tracing",
     "tracing.picture": "tracing",

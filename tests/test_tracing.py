@@ -14,6 +14,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -81,6 +82,25 @@ def test_an_open_span_is_shown_unfinished_until_it_ends() -> None:
     (event,) = spans_of(timeline.events([{**spans.dump(), "id": 1}]))
     assert event["name"] == "forward → ps" and "unfinished" not in event["args"]
     assert event["args"]["error"] == "RPCTimeout"
+
+
+def test_a_span_says_how_long_its_thread_waited_for_a_core() -> None:
+    spans = Spans("w")
+    span = spans.begin("backward", "backward", cpu=True)
+    # Runnable threads outnumbering the cores make this one wait its turn now and then.
+    busy = [threading.Thread(target=sum, args=(range(3_000_000),)) for _ in range(4)]
+    for thread in busy:
+        thread.start()
+    for thread in busy:
+        thread.join()
+    spans.end(span)
+    plain = spans.begin("forward → ps", "call")
+    spans.end(plain)
+    assert span is not None and plain is not None and plain.args is None
+    if not Path("/proc/thread-self/schedstat").exists():
+        pytest.skip("no schedstat: not Linux")
+    assert span.args is not None and span.args["cpu_wait_us"] >= 0
+    spans.close()
 
 
 def test_tracing_off_records_nothing(monkeypatch: pytest.MonkeyPatch) -> None:

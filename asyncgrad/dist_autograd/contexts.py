@@ -81,7 +81,7 @@ class Contexts:
             raise ContextError(f"agent id {agent_id} does not fit the high 16 bits")
         ctx_id = (agent_id << 48) | (next(self._context_ids) & ((1 << 48) - 1))
         ctx = self.by_id[ctx_id] = Context(ctx_id)
-        ctx.span = self.spans.begin("context", "step", ctx_id)
+        ctx.span = self.spans.begin("context", "step", ctx_id, cpu=True)
         self._schedule_sweep()
         return ctx
 

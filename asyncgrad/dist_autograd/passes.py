@@ -93,7 +93,7 @@ class Pass:
         self.state, self.parent, self.retain = "running", parent, retain
         self.started = time.monotonic()
         args = {"pass": self.id, "from": parent or "roots"}
-        self._span = self._spans.begin("backward", "backward", ctx.id, args=args)
+        self._span = self._spans.begin("backward", "backward", ctx.id, args=args, cpu=True)
         run = self._spans.begin("graph", "backward", ctx.id)
         try:
             self._launch(parent, retain, roots)

@@ -286,6 +286,7 @@ class Agent:
         await self._liveness.stop()
         self._autograd.close()
         await self._transport.close()
+        self._spans.close()
         lifecycle.state = "closed"
         self._closed.set()
         if self in process_default:

@@ -100,7 +100,7 @@ class Calls:
         span = None
         # A trace's own calls are left out of it (their messages still show).
         if spans.enabled and call.fn != TRACE:
-            span = spans.begin(f"{call.label} → {to}", "call")
+            span = spans.begin(f"{call.label} → {to}", "call", cpu=True)
         try:
             return await self._make_within(to, call, what, expires, span)
         except _Expired:

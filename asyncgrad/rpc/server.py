@@ -129,6 +129,7 @@ class Server:
                 "serve",
                 0 if header.context is None else header.context.context,
                 args={"caller": header.sender},
+                cpu=True,
             )
         try:
             if header.context is not None:

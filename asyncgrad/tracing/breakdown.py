@@ -13,7 +13,9 @@ steps (distributed autograd contexts) the window holds:
 - `redis`: a write waiting for Redis's answer (asynchronous: the worker may do other
   work meanwhile);
 - `messages`: messages handled, and `transit`: their median time from the sender's queue
-  to the start of their handling (the write, the time in the stream, the read).
+  to the start of their handling (the write, the time in the stream, the read);
+- `cpu_wait`: how long the worker's event loop was runnable but waited for a core, over
+  its outermost spans that measure it (steps, calls, calls served, backward passes).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 
 __all__ = ["COLUMNS", "breakdown", "table"]
 
-COLUMNS = ("serve", "backward", "optim", "handling", "redis", "messages", "transit")
+COLUMNS = ("serve", "backward", "optim", "handling", "redis", "messages", "transit", "cpu_wait")
 _WORK = ("serve", "backward", "optim")
 
 Interval = tuple[float, float]
@@ -57,6 +59,7 @@ def breakdown(trace: Iterable[dict[str, Any]]) -> tuple[int, dict[str, dict[str,
         row["messages"] = len(kinds["message"]) / per
         transits = [e["args"]["transit_us"] for e in own if "transit_us" in e["args"]]
         row["transit"] = statistics.median(transits) / 1000 if transits else 0.0
+        row["cpu_wait"] = _outermost_sum(own, "cpu_wait_us") / 1000 / per
         out[worker] = row
     return steps, out
 
@@ -80,6 +83,17 @@ def table(trace: Iterable[dict[str, Any]]) -> str:
         ]
         text.append("  ".join(cells))
     return "\n".join(text)
+
+
+def _outermost_sum(spans: list[dict[str, Any]], key: str) -> float:
+    """The sum of `key` over the spans that have it and lie in no other such span."""
+    total, covered_to = 0.0, float("-inf")
+    for e in sorted((e for e in spans if key in e["args"]), key=lambda e: (e["ts"], -e["dur"])):
+        if e["ts"] + e["dur"] <= covered_to:
+            continue  # inside one counted already
+        total += e["args"][key]
+        covered_to = max(covered_to, e["ts"] + e["dur"])
+    return total
 
 
 def _union(intervals: list[Interval]) -> list[Interval]:

@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 from asyncgrad.tracing.clock import RedisClock
+from asyncgrad.tracing.cpu import RunQueue
 
 __all__ = ["CATEGORIES", "DEFAULT_CAPACITY", "Span", "Spans", "tracing_enabled"]
 
@@ -53,7 +54,9 @@ class Span:
     before it began (a message, behind those read with it), shown as `queued_us`: kept
     apart from `args`, as an int is a fraction of a dict's size."""
 
-    __slots__ = ("args", "cat", "context", "end", "message", "name", "queued", "sent", "start")
+    __slots__ = (
+        "args", "cat", "context", "end", "message", "name", "queued", "ran_queue", "sent", "start"
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -70,6 +73,7 @@ class Span:
         self.name, self.cat, self.start, self.end = name, cat, start, end
         self.context, self.message, self.sent, self.args = context, message, sent, args
         self.queued = queued
+        self.ran_queue: int | None = None  # the thread's run-queue wait when it began
 
     def to_wire(self) -> list[Any]:
         args = self.args or {}
@@ -104,6 +108,7 @@ class Spans:
         self.worker = worker
         self.enabled = enabled
         self.clock = RedisClock()
+        self._run_queue = RunQueue()
         self._ring: collections.deque[Span] = collections.deque(maxlen=capacity)
         self._open: dict[int, Span] = {}
         self.recorded = 0  # spans finished since start (the ring keeps the latest)
@@ -120,13 +125,17 @@ class Spans:
         message: int = 0,
         args: dict[str, Any] | None = None,
         start: int = 0,
+        cpu: bool = False,
     ) -> Span | None:
-        """Open a span now (or at `start`); `end` finishes it."""
+        """Open a span now (or at `start`); `end` finishes it. With `cpu`, it also says how
+        long this thread waited for a core meanwhile (`cpu_wait_us`)."""
         if not self.enabled:
             return None
         # Names repeat (a kind and a peer, a function): one copy of each, not one a span.
         name = sys.intern(name)
         span = Span(name, cat, start or time.monotonic_ns(), 0, context, message, None, args)
+        if cpu:
+            span.ran_queue = self._run_queue.waited_ns()
         self._open[id(span)] = span
         if len(self._open) > _OPEN_LIMIT:
             del self._open[next(iter(self._open))]
@@ -137,6 +146,8 @@ class Spans:
         if span is None or span.end:
             return
         span.end = time.monotonic_ns()
+        if span.ran_queue is not None and (waited := self._run_queue.waited_ns()) is not None:
+            args["cpu_wait_us"] = (waited - span.ran_queue) // 1000
         if args:
             span.args = {**span.args, **args} if span.args else args
         self._open.pop(id(span), None)
@@ -160,6 +171,10 @@ class Spans:
             name = sys.intern(name)
             self._ring.append(Span(name, cat, start, end, context, message, sent, args, queued))
             self.recorded += 1
+
+    def close(self) -> None:
+        """Let go of what it holds open (the run-queue counter's file)."""
+        self._run_queue.close()
 
     def spans(self, context: int | None = None) -> list[Span]:
         """The spans kept, finished ones first, then open ones (`context`: only its own)."""
