@@ -226,16 +226,25 @@ class Trainer:
         Only a new server (a `bind()` meanwhile) voids it."""
         delay = 0.05
         for attempt in range(1, APPLY_ATTEMPTS + 1):
+            deadline = asyncio.timeout(timeout)
             try:
-                async with asyncio.timeout(timeout):
+                async with deadline:
                     await opt.step(ctx)
                 return
-            except (*RETRYABLE, TimeoutError) as e:
-                if self._generation != generation or attempt == APPLY_ATTEMPTS:
+            except TimeoutError:
+                if not deadline.expired():
                     raise
-                log.failed(e)
-                await asyncio.sleep(delay)  # the retry timer
-                delay = min(delay * 2, 1.0)
+                # Also when this trainer was the one frozen past its deadline: which of
+                # the timer and the reply waiting in its socket comes first on waking is
+                # a toss-up. Said as the step's own timeout, not a bare TimeoutError.
+                error: Exception = RPCTimeout(f"step {self.step}'s update took over {timeout} s")
+            except RETRYABLE as e:
+                error = e
+            if self._generation != generation or attempt == APPLY_ATTEMPTS:
+                raise error
+            log.failed(error)
+            await asyncio.sleep(delay)  # the retry timer
+            delay = min(delay * 2, 1.0)
 
     async def _backoff(self, delay: float, generation: int) -> None:
         """The retry timer: `delay` s, or less if `bind()` replaced the server meanwhile."""
