@@ -56,11 +56,9 @@ class _LocalOptimizer:
             return False
         contexts = current_contexts()
         ctx = contexts.get(context_id)
-        span = contexts.spans.begin(f"{type(self.optimizer).__name__} step", "optim", context_id)
-        try:
+        name, args = f"{type(self.optimizer).__name__} step", {"params": len(self.params)}
+        with contexts.spans.ending(contexts.spans.begin(name, "optim", context_id, args=args)):
             self.optimizer.step({p: ctx.grads[p] for p in self.params if p in ctx.grads})
-        finally:
-            contexts.spans.end(span, params=len(self.params))
         self._applied[context_id] = None
         if len(self._applied) > _REMEMBERED:
             self._applied.popitem(last=False)
@@ -149,16 +147,9 @@ class DistributedOptimizer:
         `RPCTimeout`, call it again with the same context to complete it where it is
         missing (owners that applied it already do nothing)."""
         spans = current_contexts().spans
-        span = spans.begin(
-            "optimizer step", "optim", context_id, args={"owners": len(self.by_owner)}
-        )
-        try:
+        args = {"owners": len(self.by_owner)}
+        with spans.ending(spans.begin("optimizer step", "optim", context_id, args=args)):
             await asyncio.gather(*(self._step(owner, context_id) for owner in self.by_owner))
-        except BaseException as e:
-            spans.end(span, error=type(e).__name__)
-            raise
-        finally:
-            spans.end(span)
 
     async def _step(self, owner: str, context_id: int) -> None:
         local = self.remote_optimizers.get(owner)

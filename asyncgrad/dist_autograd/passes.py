@@ -94,11 +94,8 @@ class Pass:
         self.started = time.monotonic()
         args = {"pass": self.id, "from": parent or "roots"}
         self._span = self._spans.begin("backward", "backward", ctx.id, args=args, cpu=True)
-        run = self._spans.begin("graph", "backward", ctx.id)
-        try:
+        with self._spans.ending(self._spans.begin("graph", "backward", ctx.id)):
             self._launch(parent, retain, roots)
-        finally:
-            self._spans.end(run)
         early, self._early = self._early, []
         for sender, record in early:
             self._on(sender, record)
@@ -149,11 +146,9 @@ class Pass:
                 logger.debug("event=grad_ignored agent=%s from=%s", self._wire.name, sender)
                 return
             grads = record.grads
-            run = self._spans.begin("graph", "backward", self.ctx.id)
-            try:
+            run = self._spans.begin("graph", "backward", self.ctx.id, args={"none": grads is None})
+            with self._spans.ending(run):
                 self._task.feed(send, None if grads is None else send.check(grads))
-            finally:
-                self._spans.end(run, none=grads is None)
         self._check()
 
     def _ship(self, node: Node, grads: list[Any] | None) -> None:

@@ -78,6 +78,11 @@ def current_agent() -> Agent:
     return agent
 
 
+def _check_context_id(context_id: object) -> None:
+    if context_id is not None and type(context_id) is not int:
+        raise TypeError(f"context_id is an int, not {type(context_id).__name__}")
+
+
 def default_redis_url() -> str:
     """$ASYNCGRAD_REDIS_URL, else redis://127.0.0.1:6379/0."""
     return os.environ.get("ASYNCGRAD_REDIS_URL") or DEFAULT_URL
@@ -424,16 +429,14 @@ class Agent:
         Chrome/Perfetto trace events (README, "Tracing"); `context_id`: only that
         distributed autograd context's. An agent that does not answer within `timeout`
         (default: `failure_timeout`) shows as an empty row that says so."""
-        if context_id is not None and type(context_id) is not int:
-            raise TypeError(f"context_id is an int, not {type(context_id).__name__}")
+        _check_context_id(context_id)  # here, before any worker is asked
         workers = [(w.name, w.id) for w in await self.workers()]
         limit = self.failure_timeout if timeout is None else timeout
         here = (self.name, self._dump_spans)
         return await gather(self._calls, here, workers, context_id, limit)
 
     def _dump_spans(self, context_id: int | None = None) -> dict[str, Any]:
-        if context_id is not None and (type(context_id) is not int):
-            raise TypeError(f"context_id is an int, not {type(context_id).__name__}")
+        _check_context_id(context_id)  # as any caller of `TRACE` sent it
         return self._spans.dump(context_id)
 
     async def alive(self, names: list[str]) -> list[bool]:

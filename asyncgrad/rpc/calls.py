@@ -97,20 +97,15 @@ class Calls:
         # passed-on RRefs wait for Redis too, and a caller's timeout bounds all of it.
         expires = asyncio.get_running_loop().time() + limit
         spans = self._wire.spans
-        span = None
+        opened = None
         # A trace's own calls are left out of it (their messages still show).
         if spans.enabled and call.fn != TRACE:
-            span = spans.begin(f"{call.label} → {to}", "call", cpu=True)
-        try:
-            return await self._make_within(to, call, what, expires, span)
-        except _Expired:
-            spans.end(span, error="RPCTimeout")
-            raise RPCTimeout(f"{what} on {to!r} got no reply within {limit} s") from None
-        except BaseException as e:
-            spans.end(span, error=type(e).__name__)
-            raise
-        finally:
-            spans.end(span)
+            opened = spans.begin(f"{call.label} → {to}", "call", cpu=True)
+        with spans.ending(opened) as span:
+            try:
+                return await self._make_within(to, call, what, expires, span)
+            except _Expired:
+                raise RPCTimeout(f"{what} on {to!r} got no reply within {limit} s") from None
 
     async def _make_within(
         self, to: str, call: Call, what: str, expires: float, span: Span | None

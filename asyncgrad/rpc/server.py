@@ -144,11 +144,9 @@ class Server:
         if inspect.isawaitable(result):
             self._lifecycle.spawn(self._finish(header, call, result, message, span), context)
             return
-        try:
+        with self._wire.spans.ending(span):
             context.run(self._reply_result, header, call, result)
             self._wire.done(message)
-        finally:
-            self._wire.spans.end(span)
 
     def _refusal(self, header: Header, message: Inbound) -> Reply:
         """What a call for an earlier incarnation of this agent gets."""

@@ -24,6 +24,8 @@ import statistics
 from collections.abc import Iterable
 from typing import Any
 
+from asyncgrad.tracing.timeline import span_events
+
 __all__ = ["COLUMNS", "breakdown", "table"]
 
 COLUMNS = ("serve", "backward", "optim", "handling", "redis", "messages", "transit", "cpu_wait")
@@ -35,8 +37,7 @@ Interval = tuple[float, float]
 def breakdown(trace: Iterable[dict[str, Any]]) -> tuple[int, dict[str, dict[str, float]]]:
     """(steps in the trace, worker → column → ms per step (`messages`: a count per step,
     `transit`: the median in ms)). A trace without steps counts as one."""
-    events = list(trace)
-    spans = [e for e in events if e.get("ph") == "X"]
+    spans = span_events(trace)
     # Whole steps only: one cut by a window's edge is counted by the window before it.
     steps = sum(1 for e in spans if e["cat"] == "step" and "clipped_us" not in e["args"])
     per = max(steps, 1)

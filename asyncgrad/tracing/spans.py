@@ -19,6 +19,7 @@ import collections
 import os
 import sys
 import time
+from types import TracebackType
 from typing import Any
 
 from asyncgrad.tracing.clock import RedisClock
@@ -154,6 +155,11 @@ class Spans:
         self._ring.append(span)
         self.recorded += 1
 
+    def ending(self, span: Span | None) -> _Ending:
+        """`with spans.ending(spans.begin(...)) as span:` ends the span with the block,
+        naming the exception that ended it (`error`), if one did."""
+        return _Ending(self, span)
+
     def add(
         self,
         name: str,
@@ -201,3 +207,26 @@ class Spans:
             "enabled": self.enabled,
             "spans": [s.to_wire() for s in self.spans(context)],
         }
+
+
+class _Ending:
+    """What `Spans.ending` returns: a span's end with a block (no contextlib: calls use it)."""
+
+    __slots__ = ("_span", "_spans")
+
+    def __init__(self, spans: Spans, span: Span | None) -> None:
+        self._spans, self._span = spans, span
+
+    def __enter__(self) -> Span | None:
+        return self._span
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self._spans.end(self._span)
+        else:
+            self._spans.end(self._span, error=exc_type.__name__)

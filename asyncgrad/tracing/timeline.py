@@ -148,7 +148,7 @@ def window(trace: list[dict[str, Any]], steps: int) -> list[dict[str, Any]]:
     (their "step" spans) to the end of the last, with every span and message of any worker
     that overlaps that time, counted from its start (a span begun before is cut there, and
     says so: `"clipped_us"`, how much of it is cut). A trace without steps is kept whole."""
-    spans = [e for e in trace if e.get("ph") == "X"]
+    spans = span_events(trace)
     last = sorted((e for e in spans if e["cat"] == "step"), key=lambda e: e["ts"])[-steps:]
     if not last or steps <= 0:
         return trace

@@ -267,9 +267,7 @@ class Reader:
             message.error = done
             self._spans.end(span, error=str(done))
             return True
-        if span is not None:  # every frame was offered before the message was read
-            size = sum(len(f) for f in message.frames[1:])
-            self._spans.end(span, bytes=size, path="offered")
+        self._fetched(message, "offered")  # every frame was offered before it was read
         return True
 
     def _hold(self, message: Inbound, refers: bool) -> None:
@@ -300,14 +298,19 @@ class Reader:
             message.error = TransferLost(f"fetching its frames failed: {e!r}")
             self._spans.end(span, error=repr(e))
         else:
-            if span is not None and before is not None:
+            if before is not None:
                 after = self._data.counts.copy()
                 # (Fetches running meanwhile add to the counts too: "path" may name theirs.)
                 paths = [k[8:] for k, n in after.items() if k[:8] == "fetched_" and n > before[k]]
-                size = sum(len(f) for f in message.frames[1:])
-                self._spans.end(span, bytes=size, path=",".join(paths) or "offered")
+                self._fetched(message, ",".join(paths) or "offered")
         finally:
             self._spans.end(span)  # cancelled: the reader closed
+
+    def _fetched(self, message: Inbound, path: str) -> None:
+        """End the span of a message's fetch: how many bytes, and by which path."""
+        if message.fetched is not None:
+            size = sum(len(f) for f in message.frames[1:])
+            self._spans.end(message.fetched, bytes=size, path=path)
 
     def _release(self, _: object = None) -> None:
         """Deliver the waiting messages that are ready, in the order they were read."""
