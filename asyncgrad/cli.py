@@ -360,6 +360,10 @@ def _demo(args: argparse.Namespace) -> int:
 
     if args.redis:
         _redis_url(args)
+    if args.trace:
+        from asyncgrad.tracing import timeline
+
+        timeline.check_save(args.trace)  # a picture's matplotlib, before the demo runs
     return run_demo(args.redis, args.namespace, args.steps, args.trace)
 
 
@@ -369,12 +373,14 @@ def _trace(args: argparse.Namespace) -> int:
     from asyncgrad.worker import run_loop
 
     url = _redis_url(args)
+    paths = [p for p in (args.out or (None if args.png else "trace.json"), args.png) if p]
+    for path in paths:
+        timeline.check_save(path)
     trace = run_loop(tracefile.collect(url, args.namespace, args.context, args.timeout))
     if not any(e.get("ph") == "M" for e in trace):
         raise RuntimeError(f"no live agents in {_where(args, url)}")
     if args.steps is not None:
         trace = timeline.window(trace, args.steps)
-    paths = [p for p in (args.out or (None if args.png else "trace.json"), args.png) if p]
     for path in paths:
         timeline.save(trace, path, namespace=args.namespace, context_id=args.context)
     tracefile.report(trace, paths)

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from asyncgrad.tracing import timeline
 from asyncgrad.tracing.picture import PictureUnavailable, draw
 from asyncgrad.tracing.timeline import events
 
@@ -307,6 +308,10 @@ def test_without_matplotlib_the_error_says_what_to_install(
     assert "\n" not in str(raised.value)
     assert isinstance(raised.value, RuntimeError)
     assert not list(tmp_path.iterdir())
+    # What `demo --trace X.png` and `trace --png` ask before any work: the same refusal.
+    with pytest.raises(PictureUnavailable, match=r"pip install 'asyncgrad\[png\]'"):
+        timeline.check_save(tmp_path / "step.png")
+    timeline.check_save(tmp_path / "step.json")  # a trace file needs nothing more
 
 
 @needs_matplotlib

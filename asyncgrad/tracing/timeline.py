@@ -26,7 +26,7 @@ from typing import Any
 
 from asyncgrad.tracing.spans import CATEGORIES
 
-__all__ = ["events", "save", "span_events", "trace_file", "window", "workers_of"]
+__all__ = ["check_save", "events", "save", "span_events", "trace_file", "window", "workers_of"]
 
 _ORDER = {cat: i for i, cat in enumerate(CATEGORIES)}
 
@@ -135,12 +135,24 @@ def trace_file(trace: list[dict[str, Any]], **other: Any) -> dict[str, Any]:
 def save(trace: list[dict[str, Any]], path: str | os.PathLike[str], **other: Any) -> None:
     """Write the trace to `path`: a trace-event JSON file, or a picture if it ends `.png`
     (needs matplotlib: `pip install 'asyncgrad[png]'`); `other`: the file's `otherData`."""
-    if str(path).lower().endswith(".png"):
+    if _picture(path):
         from asyncgrad.tracing import picture
 
         picture.draw(trace, path, title=other.get("title"))
         return
     Path(path).write_text(json.dumps(trace_file(trace, **other)))
+
+
+def check_save(path: str | os.PathLike[str]) -> None:
+    """Raise now what `save(path)` would for want of matplotlib (before a run, not after)."""
+    if _picture(path):
+        from asyncgrad.tracing import picture
+
+        picture.require()
+
+
+def _picture(path: str | os.PathLike[str]) -> bool:
+    return str(path).lower().endswith(".png")
 
 
 def window(trace: list[dict[str, Any]], steps: int) -> list[dict[str, Any]]:

@@ -24,11 +24,22 @@ from typing import Any
 from asyncgrad.tracing.picture import render, scene
 from asyncgrad.tracing.picture.render import COLOURS
 
-__all__ = ["COLOURS", "PictureUnavailable", "draw"]
+__all__ = ["COLOURS", "PictureUnavailable", "draw", "require"]
 
 
 class PictureUnavailable(RuntimeError):
     """Drawing needs matplotlib, which is not installed."""
+
+
+def require() -> None:
+    """`PictureUnavailable` now if `draw` would raise it: before a run's work, not after."""
+    try:
+        import matplotlib.backends.backend_agg  # noqa: F401 - its compiled parts, and Pillow
+    except ImportError as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise PictureUnavailable(
+            f"drawing a trace needs matplotlib ({why}): pip install 'asyncgrad[png]'"
+        ) from e
 
 
 def draw(
@@ -47,14 +58,9 @@ def draw(
     Raises ValueError when there is nothing to draw (no spans in the window), and
     `PictureUnavailable` when matplotlib is not installed."""
     placed = scene.scene(trace, start_us, end_us)
-    try:
-        import matplotlib
-        import matplotlib.backends.backend_agg  # its compiled parts, and Pillow
-    except ImportError as e:
-        why = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise PictureUnavailable(
-            f"drawing a trace needs matplotlib ({why}): pip install 'asyncgrad[png]'"
-        ) from e
+    require()
+    import matplotlib
+
     with matplotlib.rc_context():
         matplotlib.rcdefaults()  # the same picture whatever the user's matplotlibrc
         matplotlib.rcParams.update(
