@@ -38,7 +38,7 @@ CATEGORIES = (
     "redis",  # waiting on Redis: a write until Redis stored it
     "data",  # waiting on the data path: a large frame fetched from its sender
 )
-DEFAULT_CAPACITY = 20_000  # spans kept per agent (~300 bytes each: ~6 MB when full)
+DEFAULT_CAPACITY = 20_000  # spans kept per agent (~210-270 bytes each: ~5 MB when full)
 _OPEN_LIMIT = 4096  # open spans kept: only a bug leaves more than the work in flight open
 
 _OFF = frozenset({"0", "false", "no", "off"})
